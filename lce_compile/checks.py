@@ -1,0 +1,165 @@
+"""Input validation. Every user-facing error message of the package is written here.
+
+Template: ``<function>: <argument> <expected>, got <actual>.[ <one-line fix>]``. Shape and device checks
+cost nothing on the device; value checks (target range) read one scalar back, so they run once before the
+chunk loop and are skipped inside ``torch.compile``.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def check_head(name: str, hidden, weight, bias=None) -> None:
+    """hidden (..., D), weight (V, D), bias (V,) or None: types, shapes, dtypes, devices."""
+    for arg, value in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a Tensor, got {type(value).__name__}.")
+        if value.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name}: {arg} must be float32, bfloat16 or float16, got {value.dtype}.")
+    if hidden.dim() < 1:
+        raise ValueError(f"{name}: hidden must have shape (..., D), got a 0-d tensor.")
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: weight must have shape (V, D), got {_shape(weight)}.")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{name}: hidden's last dimension must equal weight's D = {weight.shape[1]} "
+            f"(weight is (V, D) = {_shape(weight)}), got hidden {_shape(hidden)}."
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{name}: hidden and weight must have one dtype, got {hidden.dtype} and {weight.dtype}.")
+    check_device(name, "weight", weight, hidden)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{name}: bias must be a Tensor or None, got {type(bias).__name__}.")
+        if _shape(bias) != (weight.shape[0],):
+            raise ValueError(f"{name}: bias must have shape (V,) = ({weight.shape[0]},), got {_shape(bias)}.")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{name}: bias must have weight's dtype {weight.dtype}, got {bias.dtype}.")
+        check_device(name, "bias", bias, hidden)
+
+
+def check_device(name: str, arg: str, tensor: torch.Tensor, hidden: torch.Tensor) -> None:
+    if tensor.device != hidden.device:
+        raise ValueError(f"{name}: {arg} must be on hidden's device {hidden.device}, got {tensor.device}.")
+
+
+def check_rows(name: str, arg: str, tensor, hidden: torch.Tensor) -> None:
+    """A per-row input: a tensor whose leading shape is hidden's leading shape."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: {arg} must be a Tensor, got {type(tensor).__name__}.")
+    lead = _shape(hidden)[:-1]
+    if _shape(tensor)[: len(lead)] != lead:
+        raise ValueError(
+            f"{name}: {arg} must have the leading shape of hidden {lead}, got {_shape(tensor)}."
+        )
+    check_device(name, arg, tensor, hidden)
+
+
+def check_targets(name: str, targets, hidden, vocab: int, ignore_index: int, validate: bool,
+                  arg: str = "targets") -> None:
+    """Class-index targets: hidden's leading shape exactly, an integer dtype, values in [0, V) or ignore_index."""
+    check_rows(name, arg, targets, hidden)
+    if targets.dim() != hidden.dim() - 1:
+        raise ValueError(
+            f"{name}: {arg} must have the leading shape of hidden {_shape(hidden)[:-1]}, got {_shape(targets)}."
+        )
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(
+            f"{name}: {arg} must be an integer tensor of class indices, got {targets.dtype}. "
+            "Probability targets need the full (N, V) tensor and are not supported."
+        )
+    if not validate or targets.numel() == 0 or torch.compiler.is_compiling():
+        return
+    kept = targets != ignore_index
+    low = torch.where(kept, targets, 0).amin()
+    high = torch.where(kept, targets, 0).amax()
+    bounds = torch.stack([low, high]).tolist()  # one read-back for both
+    if bounds[0] < 0 or bounds[1] >= vocab:
+        bad = bounds[0] if bounds[0] < 0 else bounds[1]
+        raise ValueError(
+            f"{name}: {arg} must be in [0, {vocab}) or ignore_index={ignore_index}, got {bad}."
+        )
+
+
+def check_class_weight(name: str, arg: str, class_weight, hidden, vocab: int) -> None:
+    if class_weight is None:
+        return
+    if not isinstance(class_weight, torch.Tensor):
+        raise TypeError(f"{name}: {arg} must be a Tensor or None, got {type(class_weight).__name__}.")
+    if _shape(class_weight) != (vocab,):
+        raise ValueError(f"{name}: {arg} must have shape (V,) = ({vocab},), got {_shape(class_weight)}.")
+    if not class_weight.dtype.is_floating_point:
+        raise TypeError(f"{name}: {arg} must be a float tensor, got {class_weight.dtype}.")
+    if class_weight.requires_grad:
+        raise NotImplementedError(f"{name}: {arg} requires grad; only hidden, weight and bias get gradients.")
+    check_device(name, arg, class_weight, hidden)
+
+
+def check_reduction(name: str, reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of 'mean', 'sum', 'none', got {reduction!r}.")
+
+
+def check_keywords(name: str, fn, n_rows: int, kwargs: dict) -> None:
+    """The call's keywords must be parameters of ``fn`` (unless it takes ``**kwargs``)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: let fn itself judge
+        return
+    params = signature.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    positional = [p for p in params.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    taken = {p.name for p in positional[: 1 + n_rows]}  # logits, then the row inputs
+    accepted = [p for p in params if p not in taken
+                and params[p].kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL)]
+    for key in kwargs:
+        if key not in accepted:
+            raise TypeError(
+                f"{name}: unknown keyword {key!r}; {getattr(fn, '__name__', 'fn')} accepts "
+                f"{', '.join(accepted) or 'no keywords'} (plus bias= and options= for the fused call)."
+            )
+
+
+def check_no_grad(name: str, arg: str, tensor) -> None:
+    if isinstance(tensor, torch.Tensor) and tensor.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"{name}: {arg} requires grad; only hidden, weight and bias get gradients. Pass {arg}.detach()."
+        )
+
+
+def scalar_output_error(name: str, fn_name: str) -> ValueError:
+    return ValueError(
+        f"{name}: {fn_name} returned a scalar, which cannot be split over chunks exactly. "
+        "Return one value per row, or declare how it reduces: fused_loss(fn, returns='sum') or "
+        "fused_loss(fn, returns='mean', mean_over=...)."
+    )
+
+
+def rows_output_error(name: str, fn_name: str, rows: int, shape: tuple) -> ValueError:
+    return ValueError(
+        f"{name}: {fn_name} must return one value per row, shape ({rows},), got {shape}."
+    )
+
+
+def declared_scalar_error(name: str, fn_name: str, returns: str, shape: tuple) -> ValueError:
+    return ValueError(
+        f"{name}: {fn_name} was declared returns={returns!r}, so it must return a scalar, got shape {shape}."
+    )
+
+
+def second_backward_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"{name}: backward through this loss ran a second time. Its gradients are computed in the forward "
+        "pass and handed over once; call the loss again for a second backward."
+    )

@@ -1,0 +1,225 @@
+"""The one fused engine: the chunk loop, its autograd.Function, reductions and fp32 accumulators.
+
+A loss is a *row function* ``fn(logits (C, V), *row_inputs (C, ...), **kwargs)`` that returns one value per
+row (or a scalar it declares as a sum or a mean of rows). The engine computes ``hidden @ weight.T (+ bias)``
+one chunk of rows at a time, runs ``fn`` on the chunk, and, when gradients are wanted, differentiates the
+chunk right away (gradient-in-forward), so no ``(N, V)`` tensor ever exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad_and_value
+
+from . import checks, policy
+from .policy import DEFAULT_OPTIONS, FusedOptions
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """Everything static about one fused call."""
+
+    name: str                 # for messages, e.g. "linear_cross_entropy"
+    fn: Callable              # the row function
+    returns: str              # what fn returns per chunk: "rows" | "sum" | "mean"
+    reduction: str            # what the call returns: "none" (rows) | "sum" | "mean"
+    kwargs: dict              # fn's non-tensor keyword arguments
+    tensor_keys: tuple = ()   # fn's tensor keyword arguments, passed to apply() positionally
+    aux_keys: tuple = ()      # names of per-row outputs fn returns beside its values
+    options: FusedOptions = DEFAULT_OPTIONS
+
+
+def kept_row_weight(targets, ignore_index: int, class_weight=None) -> torch.Tensor:
+    """(N,) fp32 weight of each row in a global mean: 0 for ignored rows, else class_weight[target] or 1."""
+    kept = targets != ignore_index
+    if class_weight is None:
+        return kept.float()
+    picked = class_weight.float().gather(0, torch.where(kept, targets, 0).reshape(-1)).reshape(targets.shape)
+    return picked * kept
+
+
+def fused_call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), row_weight=None):
+    """Run ``plan`` over ``hidden (..., D)``; returns the loss, or ``(loss, aux tuple)`` if plan has aux.
+
+    ``row_weight (...)``: per-row weights whose sum is the denominator of a ``"mean"`` (default: one per row).
+    """
+    lead, dim = hidden.shape[:-1], hidden.shape[-1]
+    hidden = hidden.reshape(-1, dim)
+    n = hidden.shape[0]
+    row_inputs = tuple(r.reshape(n, *r.shape[len(lead):]) for r in row_inputs)
+    if plan.returns == "mean" and row_weight is None:
+        row_weight = hidden.new_ones(n, dtype=torch.float32)
+    if row_weight is not None:
+        row_weight = row_weight.reshape(n).float()
+    denom = None
+    if plan.reduction == "mean":
+        denom = row_weight.sum() if row_weight is not None else hidden.new_tensor(float(n), dtype=torch.float32)
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and any(needs):
+        out = _FusedLinearLoss.apply(plan, needs, hidden, weight, bias, row_weight, denom,
+                                     *row_inputs, *tensor_kwargs)
+    else:
+        with torch.no_grad():
+            out = _forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
+    value, aux = out[0], out[1:]
+    if plan.reduction == "none":
+        value = value.reshape(lead)
+    aux = tuple(a.reshape(*lead, *a.shape[1:]) for a in aux)
+    return (value, aux) if plan.aux_keys else value
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan, needs, hidden, weight, bias, row_weight, denom, *tensors):
+        n_rows = len(tensors) - len(plan.tensor_keys)
+        row_inputs, tensor_kwargs = tensors[:n_rows], tensors[n_rows:]
+        ctx.plan, ctx.needs, ctx.n_rows = plan, needs, n_rows
+        if plan.reduction == "none":
+            # The upstream gradient is per row and unknown until backward: recompute the chunks there.
+            out = _forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
+            ctx.save_for_backward(hidden, weight, bias, *tensors)
+        else:
+            scale = _mean_scale(denom) if plan.reduction == "mean" else hidden.new_ones((), dtype=torch.float32)
+            values, aux, grads = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
+                                             cotangent=scale, row_weight=row_weight, needs=needs)
+            out = (_reduce(plan, values, denom), *aux)
+            grads = _finish_grads(grads, hidden, weight, bias)
+            if torch.compiler.is_compiling():
+                ctx.save_for_backward(*grads)
+            else:
+                ctx.grads = grads  # handed over once, scaled in place: no full-size copy in backward
+        ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_value, *_):
+        plan, needs = ctx.plan, ctx.needs
+        if plan.reduction == "none":
+            hidden, weight, bias, *tensors = ctx.saved_tensors
+            row_inputs, tensor_kwargs = tensors[: ctx.n_rows], tensors[ctx.n_rows:]
+            _, _, grads = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
+                                      cotangent=grad_value.float(), row_weight=None, needs=needs)
+            grads = _finish_grads(grads, hidden, weight, bias)
+        elif torch.compiler.is_compiling():
+            grads = tuple(None if g is None else g * grad_value for g in ctx.saved_tensors)
+        else:
+            if ctx.grads is None:
+                raise checks.second_backward_error(plan.name)
+            grads, ctx.grads = ctx.grads, None
+            grads = tuple(None if g is None else g.mul_(grad_value) for g in grads)
+        return (None, None, *grads, None, None) + (None,) * (len(ctx.needs_input_grad) - 7)
+
+
+def _mean_scale(denom):
+    # All rows ignored: the loss is 0/0 = NaN as in PyTorch, but every row's gradient is exactly 0,
+    # so a zero scale keeps the gradients at 0 instead of 0 * inf = NaN.
+    return torch.where(denom == 0, 0.0, 1.0 / denom)
+
+
+def _forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom):
+    values, aux, _ = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
+                                 cotangent=None, row_weight=row_weight, needs=(False, False, False))
+    return (_reduce(plan, values, denom), *aux)
+
+
+def _reduce(plan, values, denom):
+    """values: per-row (N,) tensor for "none", else the fp32 sum of the chunks' weighted values."""
+    if plan.reduction == "mean":
+        return values / denom
+    return values
+
+
+def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotangent, row_weight, needs):
+    """The only loop over chunks.
+
+    cotangent: None (values only), a 0-d scale for every row, or per-row ``(N,)`` upstream gradients.
+    Returns (values, aux, (grad_hidden, grad_weight fp32, grad_bias fp32)); values are per-row for
+    reduction "none", else the fp32 sum over chunks of each chunk's (weighted) value.
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    want_h, want_w, want_b = needs if cotangent is not None else (False, False, False)
+    kwargs = dict(plan.kwargs, **dict(zip(plan.tensor_keys, tensor_kwargs)))
+    grad_h = torch.empty_like(hidden) if want_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_b else None
+    total = hidden.new_zeros((), dtype=torch.float32)
+    pieces, aux_pieces, out_dtype = [], [[] for _ in plan.aux_keys], None
+    chunk = policy.chunk_rows(vocab, hidden.device, plan.options)
+    with policy.compile_context():
+        for start, end in policy.chunk_bounds(n, chunk):
+            hidden_c, rows_c = hidden[start:end], tuple(r[start:end] for r in row_inputs)
+            cot = cotangent if cotangent is None or cotangent.dim() == 0 else cotangent[start:end]
+            chunk_weight = None
+            if plan.returns == "mean":  # fn returns a mean over the chunk: weight it by the chunk's share
+                chunk_weight = row_weight[start:end].sum()
+                cot = None if cot is None else cot * chunk_weight
+            step = policy.chunk_function(_chunk_step, hidden.device, plan.options, end - start)
+            value, aux, dlogits, dbias = step(plan.fn, kwargs, hidden_c, weight, bias, rows_c, cot, want_b)
+            _check_value(plan, value, end - start)
+            out_dtype = value.dtype
+            if plan.reduction == "none":
+                pieces.append(value)
+            elif chunk_weight is not None:  # an all-ignored chunk's mean is 0/0: it weighs nothing
+                total = total + torch.where(chunk_weight > 0, value.float() * chunk_weight, 0.0)
+            else:
+                total = total + value.float().sum()
+            for bucket, a in zip(aux_pieces, aux):
+                bucket.append(a)
+            if want_h:
+                torch.mm(dlogits, weight, out=grad_h[start:end])
+            if want_w:
+                policy.addmm_fp32_(grad_w, dlogits.t(), hidden_c)
+            if want_b:
+                grad_b += dbias
+    values = torch.cat(pieces) if plan.reduction == "none" else total.to(out_dtype)
+    aux = tuple(torch.cat(bucket) for bucket in aux_pieces)
+    return values, aux, (grad_h, grad_w, grad_b)
+
+
+def _chunk_step(fn, kwargs, hidden, weight, bias, row_inputs, cotangent, want_bias):
+    """One chunk: logits, fn's values, and d(sum(values * cotangent)) / d logits. Compiled by policy."""
+    logits = F.linear(hidden, weight, bias)  # (C, V) in the input dtype, as hidden @ weight.T + bias
+    if cotangent is None:
+        value, aux = _split(fn(logits, *row_inputs, **kwargs))
+        return value, aux, None, None
+
+    def objective(logits):
+        value, aux = _split(fn(logits, *row_inputs, **kwargs))
+        return (value.float() * cotangent).sum(), (value, aux)
+
+    dlogits, (_, (value, aux)) = grad_and_value(objective, has_aux=True)(logits)
+    if value.dim() == 0:
+        # A scalar fn over an all-ignored chunk may have NaN gradients (0/0); its weight is 0, and so
+        # must its gradient be.
+        dlogits = torch.where(cotangent != 0, dlogits, 0)
+    dbias = dlogits.sum(0, dtype=torch.float32) if want_bias else None
+    return value, aux, dlogits, dbias
+
+
+def _split(out):
+    if isinstance(out, tuple):
+        return out[0], tuple(out[1])
+    return out, ()
+
+
+def _check_value(plan, value, rows):
+    fn_name = getattr(plan.fn, "__name__", "fn")
+    if plan.returns == "rows" and tuple(value.shape) != (rows,):
+        if value.dim() == 0:
+            raise checks.scalar_output_error(plan.name, fn_name)
+        raise checks.rows_output_error(plan.name, fn_name, rows, tuple(value.shape))
+    if plan.returns != "rows" and value.dim() != 0:
+        raise checks.declared_scalar_error(plan.name, fn_name, plan.returns, tuple(value.shape))
+
+
+def _finish_grads(grads, hidden, weight, bias):
+    """fp32 accumulators -> the parameters' dtypes (a no-op for fp32)."""
+    grad_h, grad_w, grad_b = grads
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(bias.dtype)
+    return grad_h, grad_w, grad_b

@@ -1,0 +1,160 @@
+"""Fused linear cross-entropy: softcap, z-loss, label smoothing, class weights, bias, per-token stats."""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import checks
+from ..engine import Plan, fused_call, kept_row_weight
+from ..policy import DEFAULT_OPTIONS, FusedOptions
+
+_NAME = "linear_cross_entropy"
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxRequest:
+    """Which per-token outputs to return beside the loss (each in ``targets.shape``, no gradient).
+
+    Args:
+        loss (bool): each token's loss before reduction (0 for ignored tokens).
+        lse (bool): ``logsumexp`` of the (softcapped) fp32 logits.
+        correct (bool): whether ``argmax(logits) == target`` (``False`` for ignored tokens).
+    """
+
+    loss: bool = False
+    lse: bool = False
+    correct: bool = False
+
+    def keys(self) -> tuple:
+        return tuple(f.name for f in dataclasses.fields(self) if getattr(self, f.name))
+
+
+class AuxOutput(NamedTuple):
+    """Per-token outputs requested by :class:`AuxRequest`; unrequested ones are ``None``."""
+
+    loss: Optional[torch.Tensor] = None
+    lse: Optional[torch.Tensor] = None
+    correct: Optional[torch.Tensor] = None
+
+
+def _ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoothing=0.0, softcap=None,
+             z_loss=0.0, aux_keys=()):
+    """One chunk: logits (C, V) -> per-row loss (C,) in fp32, plus requested aux. Ignored rows give 0."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    weight = None if class_weight is None else class_weight.to(z.dtype)  # F.cross_entropy wants one dtype
+    loss = F.cross_entropy(z, targets, weight=weight, ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing)
+    kept = targets != ignore_index
+    lse = torch.logsumexp(z, dim=-1) if z_loss or "lse" in aux_keys else None
+    if z_loss:
+        loss = loss + z_loss * lse.square() * kept
+    if not aux_keys:
+        return loss
+    stats = {"loss": loss, "lse": lse}
+    if "correct" in aux_keys:
+        stats["correct"] = (z.argmax(dim=-1) == targets) & kept
+    return loss, tuple(stats[key].detach() for key in aux_keys)
+
+
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=None, ignore_index: int = -100,
+                         label_smoothing: float = 0.0, softcap: float | None = None, z_loss: float = 0.0,
+                         reduction: str = "mean", return_aux: AuxRequest | None = None,
+                         options: FusedOptions | None = None):
+    r"""Cross-entropy of ``hidden @ weight.T`` against ``targets``, without materializing the logits.
+
+    Same value and gradients, up to float rounding, as the unfused code::
+
+        logits = (hidden @ weight.T + bias).float()          # (..., V); bias if given
+        logits = softcap * torch.tanh(logits / softcap)      # if softcap is not None
+        loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), weight=class_weight,
+                               ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
+        loss = loss + z_loss * logits.logsumexp(-1).flatten() ** 2 * (targets.flatten() != ignore_index)
+        # then "mean": loss.sum() / (class_weight[targets] over kept tokens).sum()  (count of kept tokens
+        # without class_weight), "sum": loss.sum(), "none": loss.view(targets.shape)
+
+    Args:
+        hidden (Tensor): ``(..., D)`` final hidden states; fp32, bf16 or fp16.
+        weight (Tensor): ``(V, D)`` output layer, e.g. ``model.lm_head.weight``.
+        targets (Tensor): ``(...)`` integer class indices in ``[0, V)`` or ``ignore_index``.
+        bias (Tensor, optional): ``(V,)`` output-layer bias.
+        class_weight (Tensor, optional): ``(V,)`` per-class weights, as ``F.cross_entropy``'s ``weight``.
+        ignore_index (int): targets equal to it contribute 0 and leave the mean. Default: ``-100``.
+        label_smoothing (float): as in ``F.cross_entropy``. Default: ``0.0``.
+        softcap (float, optional): Gemma 2's logit soft-capping ``softcap * tanh(logits / softcap)``.
+        z_loss (float): PaLM's auxiliary ``z_loss * logsumexp(logits) ** 2`` per kept token. Default: ``0.0``.
+        reduction (str): ``"mean"`` (global mean over kept tokens) | ``"sum"`` | ``"none"``. Default: ``"mean"``.
+        return_aux (AuxRequest, optional): per-token outputs to return too.
+        options (FusedOptions, optional): engine knobs (chunk size, compile, validation).
+    Returns:
+        Tensor: an fp32 scalar, or ``targets.shape`` for ``"none"``; ``(loss, AuxOutput)`` when ``return_aux``
+        is set.
+    Memory: the gradients plus one ``(C, V)`` chunk; never ``(N, V)``, on any device.
+
+    .. note::
+        Target values are checked (``ValueError``) before the chunk loop, at the cost of one read-back;
+        inside ``torch.compile`` or with ``FusedOptions(validate=False)`` they are not.
+    """
+    options = options or DEFAULT_OPTIONS
+    checks.check_head(_NAME, hidden, weight, bias)
+    vocab = weight.shape[0]
+    checks.check_targets(_NAME, targets, hidden, vocab, ignore_index, options.validate)
+    checks.check_class_weight(_NAME, "class_weight", class_weight, hidden, vocab)
+    checks.check_reduction(_NAME, reduction)
+    _check_options(label_smoothing, softcap, z_loss, return_aux)
+    aux_keys = return_aux.keys() if return_aux is not None else ()
+    static = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "softcap": softcap,
+              "z_loss": z_loss, "aux_keys": aux_keys}
+    tensors = {} if class_weight is None else {"class_weight": class_weight}
+    plan = Plan(_NAME, _ce_rows, "rows", reduction, static, tuple(tensors), aux_keys, options)
+    row_weight = kept_row_weight(targets, ignore_index, class_weight) if reduction == "mean" else None
+    out = fused_call(plan, hidden, weight, bias, (targets.long(),), tuple(tensors.values()), row_weight)
+    if return_aux is None:
+        return out
+    loss, aux = out
+    return loss, AuxOutput(**dict(zip(aux_keys, aux)))
+
+
+def _check_options(label_smoothing, softcap, z_loss, return_aux):
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{_NAME}: label_smoothing must be in [0, 1], got {label_smoothing!r}.")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{_NAME}: softcap must be a positive float or None, got {softcap!r}.")
+    if not z_loss >= 0:
+        raise ValueError(f"{_NAME}: z_loss must be >= 0, got {z_loss!r}.")
+    if return_aux is not None and not isinstance(return_aux, AuxRequest):
+        raise TypeError(f"{_NAME}: return_aux must be an AuxRequest or None, got {type(return_aux).__name__}.")
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """:func:`linear_cross_entropy` as a module; ``forward(hidden, weight, targets, bias=None)``.
+
+    The model keeps its head, so the head's weight (and bias) are passed to ``forward``; every keyword of
+    :func:`linear_cross_entropy` is set once here. ``class_weight`` is registered as a buffer.
+    """
+
+    def __init__(self, *, class_weight=None, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 softcap: float | None = None, z_loss: float = 0.0, reduction: str = "mean",
+                 return_aux: AuxRequest | None = None, options: FusedOptions | None = None):
+        super().__init__()
+        checks.check_reduction(type(self).__name__, reduction)
+        _check_options(label_smoothing, softcap, z_loss, return_aux)
+        self.register_buffer("class_weight", class_weight)
+        self.ignore_index, self.label_smoothing, self.softcap, self.z_loss = (
+            ignore_index, label_smoothing, softcap, z_loss)
+        self.reduction, self.return_aux, self.options = reduction, return_aux, options
+
+    def forward(self, hidden, weight, targets, bias=None):
+        return linear_cross_entropy(
+            hidden, weight, targets, bias=bias, class_weight=self.class_weight, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, softcap=self.softcap, z_loss=self.z_loss,
+            reduction=self.reduction, return_aux=self.return_aux, options=self.options)
+
+    def extra_repr(self):
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"softcap={self.softcap}, z_loss={self.z_loss}, reduction={self.reduction!r}")

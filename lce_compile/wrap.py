@@ -1,0 +1,150 @@
+"""``fused_loss``: turn a loss written for full logits into a fused, chunked one."""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch.nn import _reduction
+
+from . import checks
+from .engine import Plan, fused_call, kept_row_weight
+from .policy import DEFAULT_OPTIONS, FusedOptions
+
+_RETURNS = ("rows", "sum", "mean")
+
+
+def fused_loss(fn=None, /, *, returns: str = "rows", mean_over=None, options: FusedOptions | None = None):
+    r"""Make ``fn(logits, targets, ...)`` a fused loss ``f(hidden, weight, targets, ...)``.
+
+    ``fused_loss(fn)(hidden, weight, *row_inputs, bias=None, options=None, **kwargs)`` equals, up to float
+    rounding, in value and gradients::
+
+        logits = hidden.flatten(0, -2) @ weight.T + bias          # (N, V), never materialized
+        out = fn(logits, *(r.flatten(0, hidden.dim() - 2) for r in row_inputs), **kwargs)
+        # per-row results come back in hidden's leading shape
+
+    The logits are computed and differentiated one chunk of rows at a time; ``fn`` sees ``(C, V)`` logits
+    in the input dtype and the matching ``(C, ...)`` rows of every positional tensor after ``weight``.
+    Keyword arguments reach every chunk unchanged. ``bias`` and ``options`` are the fused call's own.
+
+    What ``fn`` may return (the contract):
+        * ``returns="rows"`` (default): one value per row, shape ``(C,)``. The fused call returns the same
+          per-row tensor the unfused call would, with any upstream gradient. A scalar raises ``ValueError``.
+        * ``returns="sum"``: a scalar that is the sum over its rows of a per-row loss.
+        * ``returns="mean"``: a scalar that is the weighted mean over its rows of a per-row loss, with
+          weights ``mean_over(*row_inputs) -> (C,)`` (default: every row weighs 1), e.g.
+          ``mean_over=lambda targets: targets != -100`` for a mean over kept tokens.
+        A declaration is a promise about ``fn``: chunk results are combined as sums or weighted means,
+        which is exact only if ``fn`` is one. Scalar declarations compute gradients in the forward pass.
+
+    Known functions: ``F.cross_entropy`` and ``F.nll_loss`` are understood without a declaration, with
+    every keyword (``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``): ``"mean"`` is the
+    global mean over kept tokens weighted by the class weights, as in PyTorch.
+
+    Args:
+        fn: the loss, ``fn(logits (C, V), *row_inputs (C, ...), **kwargs)``. Rows must be independent.
+        returns (str): ``"rows"`` | ``"sum"`` | ``"mean"``; see above.
+        mean_over (callable, optional): row weights of a ``returns="mean"`` function.
+        options (FusedOptions, optional): engine knobs; a call's ``options=`` overrides them.
+    Returns:
+        a callable ``(hidden (..., D), weight (V, D), *row_inputs, bias=None, options=None, **kwargs)``.
+    Memory: the gradients plus one ``(C, V)`` chunk; never ``(N, V)``, on any device.
+
+    .. note::
+        Only ``hidden``, ``weight`` and ``bias`` get gradients; another input that requires grad raises
+        ``NotImplementedError``. Row inputs must have hidden's leading shape (``ValueError`` otherwise).
+    """
+    if fn is None:
+        return functools.partial(fused_loss, returns=returns, mean_over=mean_over, options=options)
+    return FusedLoss(fn, returns=returns, mean_over=mean_over, options=options)
+
+
+class FusedLoss:
+    """The callable ``fused_loss(fn)`` returns; see :func:`fused_loss`."""
+
+    def __init__(self, fn, *, returns="rows", mean_over=None, options=None):
+        if not callable(fn):
+            raise TypeError(f"fused_loss: fn must be callable, got {type(fn).__name__}.")
+        if returns not in _RETURNS:
+            raise ValueError(f"fused_loss: returns must be one of 'rows', 'sum', 'mean', got {returns!r}.")
+        if mean_over is not None and returns != "mean":
+            raise ValueError(f"fused_loss: mean_over applies to returns='mean' only, got returns={returns!r}.")
+        if options is not None and not isinstance(options, FusedOptions):
+            raise TypeError(f"fused_loss: options must be FusedOptions, got {type(options).__name__}.")
+        self.fn, self.returns, self.mean_over, self.options = fn, returns, mean_over, options
+        self.name = f"fused_loss({getattr(fn, '__name__', type(fn).__name__)})"
+        functools.update_wrapper(self, fn)
+
+    def __repr__(self):
+        return f"{self.name[:-1]}, returns={self.returns!r})"
+
+    def __call__(self, hidden, weight, /, *row_inputs, bias=None, options=None, **kwargs):
+        options = options or self.options or DEFAULT_OPTIONS
+        if not isinstance(options, FusedOptions):
+            raise TypeError(f"{self.name}: options must be FusedOptions, got {type(options).__name__}.")
+        checks.check_head(self.name, hidden, weight, bias)
+        form = _KNOWN.get(self.fn)
+        if form is not None and self.returns == "rows":
+            return form(self, hidden, weight, bias, row_inputs, kwargs, options)
+        return self._generic(hidden, weight, bias, row_inputs, kwargs, options)
+
+    def _generic(self, hidden, weight, bias, row_inputs, kwargs, options):
+        checks.check_keywords(self.name, self.fn, len(row_inputs), kwargs)
+        names = _row_names(self.fn, len(row_inputs))
+        for arg, tensor in zip(names, row_inputs):
+            checks.check_rows(self.name, arg, tensor, hidden)
+            checks.check_no_grad(self.name, arg, tensor)
+        static = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+        tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        for key, tensor in tensors.items():
+            checks.check_device(self.name, key, tensor, hidden)
+            checks.check_no_grad(self.name, key, tensor)
+        row_weight = None
+        if self.mean_over is not None:
+            row_weight = self.mean_over(*row_inputs)
+            checks.check_rows(self.name, "mean_over(...)", row_weight, hidden)
+        reduction = {"rows": "none", "sum": "sum", "mean": "mean"}[self.returns]
+        plan = Plan(self.name, self.fn, self.returns, reduction, static, tuple(tensors), options=options)
+        return fused_call(plan, hidden, weight, bias, row_inputs, tuple(tensors.values()), row_weight)
+
+
+def _row_names(fn, count):
+    try:
+        params = list(inspect.signature(fn).parameters)[1:]
+    except (TypeError, ValueError):
+        params = []
+    return [params[i] if i < len(params) else f"row input {i}" for i in range(count)]
+
+
+def _class_index_form(self, hidden, weight, bias, row_inputs, kwargs, options):
+    """F.cross_entropy / F.nll_loss: rows from reduction='none', PyTorch's weighted global mean."""
+    fn = self.fn
+    checks.check_keywords(self.name, fn, len(row_inputs), kwargs)
+    try:
+        bound = inspect.signature(fn).bind(None, *row_inputs, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"{self.name}: {error}.") from None
+    args = bound.arguments
+    if "target" not in args:
+        raise TypeError(f"{self.name}: missing targets; call it as (hidden, weight, targets, ...).")
+    targets, class_weight = args["target"], args.get("weight")
+    ignore_index = args.get("ignore_index", -100)
+    reduction = args.get("reduction", "mean")
+    if args.get("size_average") is not None or args.get("reduce") is not None:
+        reduction = _reduction.legacy_get_string(args.get("size_average"), args.get("reduce"), emit_warning=False)
+    vocab = weight.shape[0]
+    checks.check_targets(self.name, targets, hidden, vocab, ignore_index, options.validate)
+    checks.check_class_weight(self.name, "weight", class_weight, hidden, vocab)
+    checks.check_reduction(self.name, reduction)
+    static = {"ignore_index": ignore_index, "reduction": "none"}
+    if "label_smoothing" in args:
+        static["label_smoothing"] = args["label_smoothing"]
+    tensors = {} if class_weight is None else {"weight": class_weight}
+    row_weight = kept_row_weight(targets, ignore_index, class_weight) if reduction == "mean" else None
+    plan = Plan(self.name, fn, "rows", reduction, static, tuple(tensors), options=options)
+    return fused_call(plan, hidden, weight, bias, (targets.long(),), tuple(tensors.values()), row_weight)
+
+
+_KNOWN = {F.cross_entropy: _class_index_form, F.nll_loss: _class_index_form}
