@@ -32,12 +32,17 @@ class Plan:
     options: FusedOptions = DEFAULT_OPTIONS
 
 
+def accumulation_dtype(hidden) -> torch.dtype:
+    """Sums that cross chunks accumulate in fp32 (fp64 for fp64 inputs)."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
 def kept_row_weight(targets, ignore_index: int, class_weight=None) -> torch.Tensor:
     """(N,) fp32 weight of each row in a global mean: 0 for ignored rows, else class_weight[target] or 1."""
     kept = targets != ignore_index
     if class_weight is None:
         return kept.float()
-    picked = class_weight.float().gather(0, torch.where(kept, targets, 0).reshape(-1)).reshape(targets.shape)
+    picked = class_weight.to(torch.promote_types(class_weight.dtype, torch.float32)).gather(0, torch.where(kept, targets, 0).reshape(-1)).reshape(targets.shape)
     return picked * kept
 
 
@@ -50,13 +55,14 @@ def fused_call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), r
     hidden = hidden.reshape(-1, dim)
     n = hidden.shape[0]
     row_inputs = tuple(r.reshape(n, *r.shape[len(lead):]) for r in row_inputs)
+    acc = accumulation_dtype(hidden)
     if plan.returns == "mean" and row_weight is None:
-        row_weight = hidden.new_ones(n, dtype=torch.float32)
+        row_weight = hidden.new_ones(n, dtype=acc)
     if row_weight is not None:
-        row_weight = row_weight.reshape(n).float()
+        row_weight = row_weight.reshape(n).to(acc)
     denom = None
     if plan.reduction == "mean":
-        denom = row_weight.sum() if row_weight is not None else hidden.new_tensor(float(n), dtype=torch.float32)
+        denom = row_weight.sum() if row_weight is not None else hidden.new_tensor(float(n), dtype=acc)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     if torch.is_grad_enabled() and any(needs):
         out = _FusedLinearLoss.apply(plan, needs, hidden, weight, bias, row_weight, denom,
@@ -82,7 +88,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             out = _forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
             ctx.save_for_backward(hidden, weight, bias, *tensors)
         else:
-            scale = _mean_scale(denom) if plan.reduction == "mean" else hidden.new_ones((), dtype=torch.float32)
+            scale = _mean_scale(denom) if plan.reduction == "mean" else hidden.new_ones((), dtype=accumulation_dtype(hidden))
             values, aux, grads = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
                                              cotangent=scale, row_weight=row_weight, needs=needs)
             out = (_reduce(plan, values, denom), *aux)
@@ -101,7 +107,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             hidden, weight, bias, *tensors = ctx.saved_tensors
             row_inputs, tensor_kwargs = tensors[: ctx.n_rows], tensors[ctx.n_rows:]
             _, _, grads = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
-                                      cotangent=grad_value.float(), row_weight=None, needs=needs)
+                                      cotangent=grad_value.to(accumulation_dtype(hidden)), row_weight=None, needs=needs)
             grads = _finish_grads(grads, hidden, weight, bias)
         elif torch.compiler.is_compiling():
             grads = tuple(None if g is None else g * grad_value for g in ctx.saved_tensors)
@@ -143,9 +149,10 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
     want_h, want_w, want_b = needs if cotangent is not None else (False, False, False)
     kwargs = dict(plan.kwargs, **dict(zip(plan.tensor_keys, tensor_kwargs)))
     grad_h = torch.empty_like(hidden) if want_h else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-    grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_b else None
-    total = hidden.new_zeros((), dtype=torch.float32)
+    acc = accumulation_dtype(hidden)  # fp32, or fp64 for fp64 inputs
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if want_b else None
+    total = hidden.new_zeros((), dtype=acc)
     pieces, aux_pieces, out_dtype = [], [[] for _ in plan.aux_keys], None
     chunk = policy.chunk_rows(vocab, hidden.device, plan.options)
     with policy.compile_context():
@@ -163,9 +170,9 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
             if plan.reduction == "none":
                 pieces.append(value)
             elif chunk_weight is not None:  # an all-ignored chunk's mean is 0/0: it weighs nothing
-                total = total + torch.where(chunk_weight > 0, value.float() * chunk_weight, 0.0)
+                total = total + torch.where(chunk_weight > 0, value.to(acc) * chunk_weight, 0.0)
             else:
-                total = total + value.float().sum()
+                total = total + value.to(acc).sum()
             for bucket, a in zip(aux_pieces, aux):
                 bucket.append(a)
             if want_h:
@@ -188,14 +195,14 @@ def _chunk_step(fn, kwargs, hidden, weight, bias, row_inputs, cotangent, want_bi
 
     def objective(logits):
         value, aux = _split(fn(logits, *row_inputs, **kwargs))
-        return (value.float() * cotangent).sum(), (value, aux)
+        return (value.to(cotangent.dtype) * cotangent).sum(), (value, aux)
 
     dlogits, (_, (value, aux)) = grad_and_value(objective, has_aux=True)(logits)
     if value.dim() == 0:
         # A scalar fn over an all-ignored chunk may have NaN gradients (0/0); its weight is 0, and so
         # must its gradient be.
         dlogits = torch.where(cotangent != 0, dlogits, 0)
-    dbias = dlogits.sum(0, dtype=torch.float32) if want_bias else None
+    dbias = dlogits.sum(0, dtype=cotangent.dtype) if want_bias else None
     return value, aux, dlogits, dbias
 
 
