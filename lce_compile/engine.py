@@ -11,7 +11,6 @@ import dataclasses
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.func import grad_and_value
 
 from . import checks, policy
@@ -188,7 +187,7 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
 
 def _chunk_step(fn, kwargs, hidden, weight, bias, row_inputs, cotangent, want_bias):
     """One chunk: logits, fn's values, and d(sum(values * cotangent)) / d logits. Compiled by policy."""
-    logits = F.linear(hidden, weight, bias)  # (C, V) in the input dtype, as hidden @ weight.T + bias
+    logits = policy.linear(hidden, weight, bias)  # (C, V) in the input dtype, as hidden @ weight.T + bias
     if cotangent is None:
         value, aux = _split(fn(logits, *row_inputs, **kwargs))
         return value, aux, None, None

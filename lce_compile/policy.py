@@ -4,6 +4,7 @@ Only this module looks at the device type or calls ``torch.compile``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -64,16 +65,20 @@ def chunk_rows(vocab: int, device: torch.device, options: FusedOptions) -> int:
 
 
 def chunk_bounds(n, chunk: int):
-    """A power-of-two count of near-equal chunks of at most ``chunk`` rows.
+    """(start, end) of near-equal chunks of at most ``chunk`` rows.
 
-    The count changes only when ``n`` crosses ``chunk * 2**k``, so under ``torch.compile`` a symbolic
-    ``n`` guards on that range rather than on ``n`` itself: recompiles stay logarithmic in ``n``.
+    Inside ``torch.compile`` the count is a power of two: it changes only when ``n`` crosses
+    ``chunk * 2**k``, so a symbolic ``n`` guards on that range rather than on ``n`` itself, and
+    recompiles stay logarithmic in ``n``. Eagerly it is the smallest count that fits.
     """
     if n == 0:
         return [(0, 0)]
-    count = 1
-    while count * chunk < n:
-        count *= 2
+    if torch.compiler.is_compiling():
+        count = 1
+        while count * chunk < n:
+            count *= 2
+    else:
+        count = -(-n // chunk)
     return [(k * n // count, (k + 1) * n // count) for k in range(count)]
 
 
@@ -102,6 +107,8 @@ def chunk_function(step, device: torch.device, options: FusedOptions, rows: int)
 def compile_context():
     # Each (loss function, options, dtype) combination is one cache entry of the chunk step; raise the
     # per-function limit for our call only, so that several losses in one program stay compiled.
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
     return torch._dynamo.config.patch(recompile_limit=64)
 
 
@@ -113,3 +120,16 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``hidden @ weight.T + bias`` for one chunk, (C, V).
+
+    CPU BLAS runs ``weight @ hidden.T`` (V x C, no transposed operand) 1.3-1.6x faster than
+    ``hidden @ weight.T`` at chunk sizes of 128-256 rows, so there the logits are its transposed view.
+    """
+    if hidden.device.type != "cpu":
+        return torch.nn.functional.linear(hidden, weight, bias)
+    if bias is None:
+        return torch.mm(weight, hidden.t()).t()
+    return torch.addmm(bias.unsqueeze(1), weight, hidden.t()).t()
