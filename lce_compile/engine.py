@@ -27,6 +27,7 @@ class Plan:
     reduction: str            # what the call returns: "none" (rows) | "sum" | "mean"
     kwargs: dict              # fn's non-tensor keyword arguments
     tensor_keys: tuple = ()   # fn's tensor keyword arguments, passed to apply() positionally
+    row_keys: tuple = ()      # keyword names of the last row inputs (split by rows like the others)
     aux_keys: tuple = ()      # names of per-row outputs fn returns beside its values
     options: FusedOptions = DEFAULT_OPTIONS
 
@@ -90,7 +91,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             scale = _mean_scale(denom) if plan.reduction == "mean" else hidden.new_ones((), dtype=accumulation_dtype(hidden))
             values, aux, grads = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
                                              cotangent=scale, row_weight=row_weight, needs=needs)
-            out = (_reduce(plan, values, denom), *aux)
+            out = (_reduce(plan, *values, denom), *aux)
             grads = _finish_grads(grads, hidden, weight, bias)
             if torch.compiler.is_compiling():
                 ctx.save_for_backward(*grads)
@@ -127,22 +128,22 @@ def _mean_scale(denom):
 def _forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom):
     values, aux, _ = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
                                  cotangent=None, row_weight=row_weight, needs=(False, False, False))
-    return (_reduce(plan, values, denom), *aux)
+    return (_reduce(plan, *values, denom), *aux)
 
 
-def _reduce(plan, values, denom):
-    """values: per-row (N,) tensor for "none", else the fp32 sum of the chunks' weighted values."""
+def _reduce(plan, values, out_dtype, denom):
+    """values: per-row (N,) for "none", else the fp32 sum of the chunks' weighted values; -> fn's dtype."""
     if plan.reduction == "mean":
-        return values / denom
-    return values
+        values = values / denom
+    return values.to(out_dtype)
 
 
 def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotangent, row_weight, needs):
     """The only loop over chunks.
 
     cotangent: None (values only), a 0-d scale for every row, or per-row ``(N,)`` upstream gradients.
-    Returns (values, aux, (grad_hidden, grad_weight fp32, grad_bias fp32)); values are per-row for
-    reduction "none", else the fp32 sum over chunks of each chunk's (weighted) value.
+    Returns ((values, dtype of fn's values), aux, (grad_hidden, grad_weight fp32, grad_bias fp32)); values
+    are per-row for reduction "none", else the fp32 sum over chunks of each chunk's (weighted) value.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     want_h, want_w, want_b = needs if cotangent is not None else (False, False, False)
@@ -163,7 +164,8 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
                 chunk_weight = row_weight[start:end].sum()
                 cot = None if cot is None else cot * chunk_weight
             step = policy.chunk_function(_chunk_step, hidden.device, plan.options, end - start)
-            value, aux, dlogits, dbias = step(plan.fn, kwargs, hidden_c, weight, bias, rows_c, cot, want_b)
+            value, aux, dlogits, dbias = step(plan.fn, kwargs, plan.row_keys, hidden_c, weight, bias, rows_c, cot,
+                                              want_b)
             _check_value(plan, value, end - start)
             out_dtype = value.dtype
             if plan.reduction == "none":
@@ -180,20 +182,22 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
                 policy.addmm_fp32_(grad_w, dlogits.t(), hidden_c)
             if want_b:
                 grad_b += dbias
-    values = torch.cat(pieces) if plan.reduction == "none" else total.to(out_dtype)
+    values = torch.cat(pieces) if plan.reduction == "none" else total
     aux = tuple(torch.cat(bucket) for bucket in aux_pieces)
-    return values, aux, (grad_h, grad_w, grad_b)
+    return (values, out_dtype), aux, (grad_h, grad_w, grad_b)
 
 
-def _chunk_step(fn, kwargs, hidden, weight, bias, row_inputs, cotangent, want_bias):
+def _chunk_step(fn, kwargs, row_keys, hidden, weight, bias, row_inputs, cotangent, want_bias):
     """One chunk: logits, fn's values, and d(sum(values * cotangent)) / d logits. Compiled by policy."""
     logits = policy.linear(hidden, weight, bias)  # (C, V) in the input dtype, as hidden @ weight.T + bias
+    split = len(row_inputs) - len(row_keys)
+    args, kwargs = row_inputs[:split], dict(kwargs, **dict(zip(row_keys, row_inputs[split:])))
     if cotangent is None:
-        value, aux = _split(fn(logits, *row_inputs, **kwargs))
+        value, aux = _split(fn(logits, *args, **kwargs))
         return value, aux, None, None
 
     def objective(logits):
-        value, aux = _split(fn(logits, *row_inputs, **kwargs))
+        value, aux = _split(fn(logits, *args, **kwargs))
         return (value.to(cotangent.dtype) * cotangent).sum(), (value, aux)
 
     dlogits, (_, (value, aux)) = grad_and_value(objective, has_aux=True)(logits)

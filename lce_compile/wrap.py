@@ -27,7 +27,9 @@ def fused_loss(fn=None, /, *, returns: str = "rows", mean_over=None, options: Fu
 
     The logits are computed and differentiated one chunk of rows at a time; ``fn`` sees ``(C, V)`` logits
     in the input dtype and the matching ``(C, ...)`` rows of every positional tensor after ``weight``.
-    Keyword arguments reach every chunk unchanged. ``bias`` and ``options`` are the fused call's own.
+    A keyword tensor with hidden's leading shape is split by rows too; every other keyword argument
+    reaches every chunk unchanged (to pass a global tensor of that shape, bind it with
+    ``functools.partial``). ``bias`` and ``options`` are the fused call's own.
 
     What ``fn`` may return (the contract):
         * ``returns="rows"`` (default): one value per row, shape ``(C,)``. The fused call returns the same
@@ -101,13 +103,19 @@ class FusedLoss:
         for key, tensor in tensors.items():
             checks.check_device(self.name, key, tensor, hidden)
             checks.check_no_grad(self.name, key, tensor)
+        # a keyword tensor with hidden's leading shape is per-row, like the positional ones
+        lead = hidden.shape[:-1]
+        row_kw = {k: v for k, v in tensors.items() if v.shape[: len(lead)] == lead}
+        tensors = {k: v for k, v in tensors.items() if k not in row_kw}
         row_weight = None
         if self.mean_over is not None:
             row_weight = self.mean_over(*row_inputs)
             checks.check_rows(self.name, "mean_over(...)", row_weight, hidden)
         reduction = {"rows": "none", "sum": "sum", "mean": "mean"}[self.returns]
-        plan = Plan(self.name, self.fn, self.returns, reduction, static, tuple(tensors), options=options)
-        return fused_call(plan, hidden, weight, bias, row_inputs, tuple(tensors.values()), row_weight)
+        plan = Plan(self.name, self.fn, self.returns, reduction, static, tuple(tensors), tuple(row_kw),
+                    options=options)
+        return fused_call(plan, hidden, weight, bias, (*row_inputs, *row_kw.values()), tuple(tensors.values()),
+                          row_weight)
 
 
 def _row_names(fn, count):

@@ -1,0 +1,184 @@
+"""What runs inside one isolated worker process: inputs, one training step, and its measurements.
+
+A task is a plain dict (it crosses a process boundary) and so is its result:
+``{"task": "memory" | "time" | "cuda" | "errors", "shape": (N, D, V), "device", "dtype", "seed", ...}``.
+"""
+from __future__ import annotations
+
+import ctypes
+import statistics
+import time
+import warnings
+
+import torch
+
+from .methods import METHODS, REFERENCES
+
+ERROR_ROWS = 512   # tokens the errors are measured on: an fp64 reference at full N is slow on CPU
+WARMUP_ROWS = 8    # a tiny step loads library code and does lazy init before anything is measured
+_M_MMAP_THRESHOLD = -3  # mallopt parameter, from glibc's malloc.h
+
+
+def make_inputs(n, d, v, dtype, device, seed=0):
+    """Seeded ``hidden (N, D)``, ``weight (V, D)``, ``targets (N,)`` with ~10% ignored (-100)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen, device=device)
+    # |hidden row| ~ sqrt(D), so logits have std ~4: a peaked softmax, as in a trained model, not ~uniform.
+    weight = torch.randn(v, d, generator=gen, device=device) * (4 / d ** 0.5)
+    targets = torch.randint(0, v, (n,), generator=gen, device=device)
+    targets = targets.masked_fill(torch.rand(n, generator=gen, device=device) < 0.1, -100)
+    return hidden.to(dtype), weight.to(dtype), targets
+
+
+def step(fn, hidden, weight, targets):
+    """One forward + backward; grads are set to None first, as ``zero_grad()`` does."""
+    hidden.grad = weight.grad = None
+    loss = fn(hidden, weight, targets)
+    loss.backward()
+    return loss.detach()
+
+
+def run_task(task: dict) -> dict:
+    """Entry point in the worker; exceptions become ``{"error": ...}`` so that one method never ends a run."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = _TASKS[task["task"]](task)
+        except torch.OutOfMemoryError:
+            result = {"error": "out of memory"}
+        except Exception as exc:  # a third-party method may raise anything
+            result = {"error": describe(exc)}
+    # e.g. torch_lce warns when it falls back to its unfused path: that belongs next to its numbers
+    notes = sorted({str(w.message).splitlines()[0][:200] for w in caught})
+    return dict(result, warnings=notes) if notes else result
+
+
+def describe(exc) -> str:
+    """One line for a table or a JSON field."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"[:300]
+
+
+def _setup(task):
+    device, dtype = torch.device(task["device"]), getattr(torch, task["dtype"])
+    n, d, v = task["shape"]
+    hidden, weight, targets = make_inputs(n, d, v, dtype, device, task.get("seed", 0))
+    return device, hidden.requires_grad_(), weight.requires_grad_(), targets
+
+
+def _warm_up(fn, method, hidden, weight, targets, full_runs):
+    """Warm up tiny (code pages, lazy init), or full-size when the method compiles at its first full call."""
+    if full_runs and (method.compiles or hidden.device.type == "cuda"):
+        for _ in range(full_runs):
+            step(fn, hidden, weight, targets)
+    else:
+        step(fn, hidden[:WARMUP_ROWS].detach().requires_grad_(), weight, targets[:WARMUP_ROWS])
+    hidden.grad = weight.grad = None
+
+
+def _cpu_memory(task):
+    """Peak resident memory of one full step above the inputs, in a process of its own."""
+    # Without this, glibc keeps freed buffers of up to 32 MiB resident for reuse, and RSS would count
+    # memory that is free: with a fixed 64 KiB threshold every large buffer is mmapped and returned.
+    # (The same as MALLOC_MMAP_THRESHOLD_=65536, which a forked worker would read too late.)
+    ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 65536)
+    _, hidden, weight, targets = _setup(task)
+    method = METHODS[task["method"]]
+    fn = method.make()
+    _warm_up(fn, method, hidden, weight, targets, full_runs=1)
+    base = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
+    step(fn, hidden, weight, targets)
+    return {"peak_bytes": (_proc_status_kib("VmHWM") - base) * 1024}
+
+
+def _proc_status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _cpu_time(task):
+    """Median wall time of full steps; a process without the memory worker's slow small-mmap setting."""
+    _, hidden, weight, targets = _setup(task)
+    method = METHODS[task["method"]]
+    fn = method.make()
+    _warm_up(fn, method, hidden, weight, targets, full_runs=task["warmup"])
+    times = []
+    for _ in range(task["repeat"]):
+        start = time.perf_counter()
+        step(fn, hidden, weight, targets)
+        times.append(time.perf_counter() - start)
+    return {"time_s": statistics.median(times), "times_s": times}
+
+
+def _cuda(task):
+    """CUDA: peak allocated memory of one step above the inputs, then the median of timed steps."""
+    device, hidden, weight, targets = _setup(task)
+    method = METHODS[task["method"]]
+    fn = method.make()
+    _warm_up(fn, method, hidden, weight, targets, full_runs=task["warmup"])
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step(fn, hidden, weight, targets)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    times = []
+    for _ in range(task["repeat"]):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step(fn, hidden, weight, targets)
+        torch.cuda.synchronize(device)  # wall time of a whole step, as a training loop sees it
+        times.append(time.perf_counter() - start)
+    return {"peak_bytes": peak, "time_s": statistics.median(times), "times_s": times,
+            "device_name": torch.cuda.get_device_name(device)}
+
+
+def _errors(task):
+    """Relative errors of every method vs an fp64 reference, on the first ERROR_ROWS tokens.
+
+    All methods share one process: errors need no isolation, and the fp64 reference is the
+    expensive part (seconds on CPU), so it is computed once per shape.
+    """
+    _, hidden, weight, targets = _setup(task)
+    hidden, targets = hidden[:ERROR_ROWS], targets[:ERROR_ROWS]
+    golds, out = {}, {}  # golds: loss name -> fp64 (loss, grad_hidden, grad_weight)
+    for name in task["methods"]:
+        method = METHODS[name]
+        try:
+            if method.loss not in golds:
+                golds[method.loss] = _loss_and_grads(REFERENCES[method.loss], hidden.double(), weight.double(),
+                                                     targets)
+            got = _loss_and_grads(method.make(), hidden, weight, targets)
+            out[name] = {f"err_{key}": _relative_error(g, r) for key, g, r in zip(_KEYS, got, golds[method.loss])}
+        except Exception as exc:  # one failing method keeps the others' errors
+            out[name] = {"error": describe(exc)}
+    return {"errors": out}
+
+
+_KEYS = ("loss", "grad_hidden", "grad_weight")
+
+
+def _loss_and_grads(fn, hidden, weight, targets):
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()  # fresh leaves
+    loss = step(fn, hidden, weight, targets)
+    return loss, hidden.grad, weight.grad
+
+
+def _relative_error(got, want):
+    """||got - want|| / ||want|| in fp64; for the loss, a scalar, that is |got - want| / |want|."""
+    want = want.double()
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+_TASKS = {"memory": _cpu_memory, "time": _cpu_time, "cuda": _cuda, "errors": _errors}
+
+
+def child(task: dict, conn) -> None:
+    """Target of a worker process: run one task and send its result dict back through ``conn``."""
+    conn.send(run_task(task))
+    conn.close()

@@ -1,0 +1,121 @@
+"""The methods the benchmark compares: a registry of ``name -> Method``.
+
+Every method builds a loss function ``fn(hidden (N, D), weight (V, D), targets (N,)) -> scalar`` with the
+same meaning: mean cross-entropy over the kept tokens, ``ignore_index=-100``. To add a method (say a lean
+``FusedOptions``), add an entry to ``METHODS``; to add a loss, add its fp64 reference to ``REFERENCES`` and
+point the new methods' ``loss`` at it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def unfused_cross_entropy(hidden, weight, targets):
+    """The unfused code every fused method replaces: full (N, V) logits, upcast to fp32."""
+    return F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=IGNORE_INDEX)
+
+
+def _reference_cross_entropy(hidden, weight, targets):
+    # Promote rather than .float(), so that fp64 inputs give an fp64 reference.
+    logits = hidden @ weight.T
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+
+
+# loss name -> fn(hidden, weight, targets) evaluated in fp64 as the error reference
+REFERENCES = {"cross_entropy": _reference_cross_entropy}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One benchmarked implementation.
+
+    make: () -> loss fn; called in the worker process, so imports of optional packages happen there.
+    unavailable: device type -> None if the method can run there, else a one-line reason.
+    default_on: device types where it runs when ``--methods`` is not given.
+    compiles: it compiles at its first full-size call on every device, so warm-up must be full-size
+        (a tiny warm-up would leave the compilation inside the measured run).
+    """
+
+    make: Callable[[], Callable]
+    doc: str
+    unavailable: Callable[[str], Optional[str]] = lambda device: None
+    default_on: tuple = ("cpu", "cuda")
+    compiles: bool = False
+    loss: str = "cross_entropy"
+
+
+def _needs_module(module: str, device_types=("cuda",)):
+    """``unavailable`` for a method from an optional package that runs on ``device_types`` only."""
+    def check(device):
+        if device not in device_types:
+            return f"runs on {'/'.join(device_types)} only"
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+        return None
+    return check
+
+
+def _torch_lce_unavailable(device):
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"needs torch >= 2.13 (F.linear_cross_entropy with options=), this is {torch.__version__}"
+    return None
+
+
+def _make_compile():
+    return torch.compile(unfused_cross_entropy)
+
+
+def _make_fused():
+    from lce_compile import linear_cross_entropy
+    return functools.partial(linear_cross_entropy, ignore_index=IGNORE_INDEX)
+
+
+def _make_fused_generic():
+    # F.cross_entropy is one of fused_loss's known functions: its "mean" is PyTorch's global mean.
+    from lce_compile import fused_loss
+    return functools.partial(fused_loss(F.cross_entropy), ignore_index=IGNORE_INDEX)
+
+
+def _make_torch_lce():
+    # options=LinearCrossEntropyOptions() opts into PyTorch's chunked path; options=None is unfused.
+    return functools.partial(F.linear_cross_entropy, ignore_index=IGNORE_INDEX,
+                             options=torch.nn.LinearCrossEntropyOptions())
+
+
+def _make_liger():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+
+    def liger(hidden, weight, targets):
+        out = module(weight, hidden, targets)  # Liger's order: (lin_weight, input, target)
+        return out[0] if isinstance(out, tuple) else out  # some versions return (loss, z_loss)
+    return liger
+
+
+def _make_cce():
+    from cut_cross_entropy import linear_cross_entropy
+    return functools.partial(linear_cross_entropy, ignore_index=IGNORE_INDEX, reduction="mean")
+
+
+METHODS = {
+    "eager": Method(lambda: unfused_cross_entropy, "unfused: F.cross_entropy((hidden @ weight.T).float(), targets)"),
+    # CPU opt-in: Inductor's C++ build takes minutes per shape there.
+    "compile": Method(_make_compile, "torch.compile of the unfused code", default_on=("cuda",), compiles=True),
+    "fused": Method(_make_fused, "lce_compile.linear_cross_entropy, default options"),
+    "fused_generic": Method(_make_fused_generic, "lce_compile.fused_loss(F.cross_entropy)", default_on=()),
+    "torch_lce": Method(_make_torch_lce, "F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())",
+                        unavailable=_torch_lce_unavailable),
+    "liger": Method(_make_liger, "liger_kernel LigerFusedLinearCrossEntropyLoss",
+                    unavailable=_needs_module("liger_kernel"), default_on=("cuda",)),
+    "cce": Method(_make_cce, "cut_cross_entropy.linear_cross_entropy",
+                  unavailable=_needs_module("cut_cross_entropy"), default_on=("cuda",)),
+}

@@ -1,0 +1,219 @@
+"""``python -m lce_compile.bench``: the command line, the run over (shape, method), and the JSON file."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import platform
+import re
+import sys
+
+import torch
+
+from . import measure, report
+from .methods import METHODS
+
+# name -> (N tokens, D hidden, V vocab)
+SHAPES = {
+    "cpu-small": (2048, 512, 32768),
+    "cpu-large": (4096, 1024, 50304),
+    "gemma2-2b": (8192, 2304, 256000),
+    "llama3-8b": (8192, 4096, 128256),
+    "qwen2.5-7b": (8192, 3584, 152064),
+    "gemma2-2b-32k": (32768, 2304, 256000),
+}
+DEFAULT_SHAPES = {"cpu": ["cpu-small", "cpu-large"], "cuda": ["gemma2-2b", "llama3-8b", "qwen2.5-7b", "gemma2-2b-32k"]}
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
+# Full-size steps before measuring: one eager step of cpu-large takes ~15 s on 2 cores, so the CPU
+# warms up on a tiny slice instead (full-size only for methods that compile, see Method.compiles).
+DEFAULT_REPEAT = {"cpu": 1, "cuda": 10}
+WARMUP = {"cpu": 1, "cuda": 3}
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m lce_compile.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Time, peak memory and accuracy of fused linear + cross-entropy implementations.\n"
+                    "Each (shape, method) is measured in fresh worker processes.",
+        epilog="shapes: " + ", ".join(f"{k} (N={n} D={d} V={v})" for k, (n, d, v) in SHAPES.items())
+               + "\nmethods:\n" + "\n".join(f"  {k:14s}{m.doc}" for k, m in METHODS.items()))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", choices=DTYPES, help="default: float32 on cpu, bfloat16 on cuda")
+    parser.add_argument("--shapes", action="append", metavar="LIST",
+                        help="comma-separated shape names and custom shapes, written NxDxV or N,D,V "
+                             "(e.g. 'cpu-small,64x32x101' or '64,32,101'); may be repeated. "
+                             "Default: cpu-small,cpu-large on cpu, the four model shapes on cuda")
+    parser.add_argument("--methods", metavar="LIST",
+                        help="comma-separated method names, or 'all'. Default: eager,fused,torch_lce on cpu; "
+                             "eager,compile,fused,torch_lce,liger,cce on cuda. Unavailable ones are skipped")
+    parser.add_argument("--repeat", type=int, help="timed steps, median reported. Default: 1 on cpu, 10 on cuda")
+    parser.add_argument("--json", default="bench_results.json", metavar="PATH",
+                        help="where to write all results and metadata (default: %(default)s)")
+    parser.add_argument("--plot", metavar="PATH.png", help="also plot time and peak memory (needs matplotlib)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines; print only the tables")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available in this torch build or machine.")
+    if args.repeat is not None and args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}.")
+    args.dtype = args.dtype or DEFAULT_DTYPE[args.device]
+    args.repeat = args.repeat or DEFAULT_REPEAT[args.device]
+    try:
+        args.shapes = parse_shapes(args.shapes or DEFAULT_SHAPES[args.device])
+        args.methods = parse_methods(args.methods, args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def parse_shapes(values):
+    """['cpu-small,64x32x101', '64,32,101'] -> [(name, (N, D, V)), ...]; integers group in threes."""
+    shapes, numbers = [], []
+    for token in filter(None, re.split(r"[,;\s]+", ",".join(values))):
+        if token.isdigit():
+            numbers.append(int(token))
+            if len(numbers) == 3:
+                shapes.append(("x".join(map(str, numbers)), tuple(numbers)))
+                numbers = []
+        elif numbers:
+            raise ValueError(f"--shapes: N,D,V needs three integers, got {numbers} before {token!r}.")
+        elif re.fullmatch(r"\d+x\d+x\d+", token):
+            shapes.append((token, tuple(int(x) for x in token.split("x"))))
+        elif token in SHAPES:
+            shapes.append((token, SHAPES[token]))
+        else:
+            raise ValueError(f"--shapes: unknown shape {token!r}; known: {', '.join(SHAPES)}, or NxDxV.")
+    if numbers:
+        raise ValueError(f"--shapes: N,D,V needs three integers, got {numbers}.")
+    if any(min(shape) < 1 for _, shape in shapes):
+        raise ValueError("--shapes: N, D and V must be positive.")
+    return shapes
+
+
+def parse_methods(value, device):
+    if value is None:
+        return [name for name, m in METHODS.items() if device in m.default_on]
+    names = list(METHODS) if value == "all" else [v for v in value.split(",") if v]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}.")
+    return list(dict.fromkeys(names))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    meta = _metadata(args)
+    methods = []
+    for name in args.methods:
+        reason = METHODS[name].unavailable(args.device)
+        if reason:
+            meta["skipped"][name] = reason
+            print(f"skipping {name}: {reason}", file=sys.stderr, flush=True)
+        else:
+            methods.append(name)
+    results = []
+    for shape_name, shape in args.shapes:
+        results += bench_shape(shape_name, shape, methods, args, say)
+    meta["device_name"] = next((r["device_name"] for r in results if "device_name" in r), meta["device_name"])
+    print(report.tables(meta, results), flush=True)
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        report.plot(results, args.plot, meta)
+    return results
+
+
+def bench_shape(shape_name, shape, methods, args, say):
+    """One record per method: time, peak memory, floor, errors; each measured in fresh processes."""
+    n, d, v = shape
+    base = {"device": args.device, "dtype": args.dtype, "shape": shape, "seed": args.seed}
+    say(f"[{shape_name}] fp64 reference and errors on the first {min(n, measure.ERROR_ROWS)} tokens ...")
+    errors = isolated(dict(base, task="errors", methods=methods))
+    # Floor: no method can need less than the two gradients it returns.
+    floor = (n * d + v * d) * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    records = []
+    for name in methods:
+        record = {"shape": shape_name, "N": n, "D": d, "V": v, "method": name, "floor_bytes": floor}
+        task = dict(base, method=name, repeat=args.repeat, warmup=WARMUP[args.device])
+        if args.device == "cuda":
+            parts = [isolated(dict(task, task="cuda"))]
+        else:  # memory needs the allocator setting that slows small allocations: time it elsewhere
+            parts = [isolated(dict(task, task="memory")), isolated(dict(task, task="time"))]
+        parts.append(errors.get("errors", {}).get(name, {"error": f"errors: {errors.get('error')}"}))
+        records.append(_merge(record, parts))
+        say(report.progress_line(records[-1]))
+    return records
+
+
+def _merge(record, parts):
+    """Fold worker results into one record; errors and warnings from all of them are kept."""
+    problems, warnings = [], []
+    for part in parts:
+        part = dict(part)
+        if "error" in part:
+            problems.append(part.pop("error"))
+        warnings += part.pop("warnings", [])
+        record.update(part)
+    if problems:
+        record["error"] = "; ".join(dict.fromkeys(problems))
+    if warnings:
+        record["warnings"] = list(dict.fromkeys(warnings))
+    return record
+
+
+_CONTEXT = None
+
+
+def isolated(task: dict) -> dict:
+    """Run ``task`` in a fresh process; a crash (e.g. the OOM killer) becomes ``{"error": ...}``.
+
+    Workers are forked from a forkserver that has imported torch once: a fresh address space per task
+    (peak memory is the task's own) without paying the ~3 s torch import for each of them.
+    """
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        # torch._dynamo too: lce_compile imports it at its first call even when nothing compiles (~3 s).
+        _CONTEXT.set_forkserver_preload(["lce_compile.bench.measure", "torch._dynamo"])
+    recv, send = _CONTEXT.Pipe(duplex=False)
+    proc = _CONTEXT.Process(target=measure.child, args=(task, send), daemon=True)
+    proc.start()
+    send.close()  # so that recv() sees EOF if the worker dies
+    try:
+        result = recv.recv()
+    except EOFError:
+        result = None
+    proc.join()
+    recv.close()
+    if result is None:
+        hint = ", probably out of memory" if proc.exitcode == -9 else ""
+        result = {"error": f"worker died (exit code {proc.exitcode}{hint})"}
+    return result
+
+
+def _metadata(args):
+    return {
+        "device": args.device, "device_name": _cpu_name() if args.device == "cpu" else "cuda",
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "lce_compile": _version(), "dtype": args.dtype, "repeat": args.repeat, "warmup": WARMUP[args.device],
+        "error_rows": measure.ERROR_ROWS, "seed": args.seed, "argv": sys.argv[1:], "skipped": {},
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _version():
+    from lce_compile import __version__
+    return __version__
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"

@@ -1,0 +1,53 @@
+"""Independent unfused references and input helpers shared by the tests."""
+import torch
+import torch.nn.functional as F
+
+
+def make_inputs(lead, dim, vocab, dtype=torch.float32, seed=0, ignored=0.1, ignore_index=-100):
+    """hidden (*lead, D), weight (V, D), targets (*lead): logit std ~4, a fraction of targets ignored."""
+    g = torch.Generator().manual_seed(seed)
+    lead = (lead,) if isinstance(lead, int) else tuple(lead)
+    hidden = torch.randn(*lead, dim, generator=g)
+    weight = torch.randn(vocab, dim, generator=g) * (4.0 / dim ** 0.5)
+    targets = torch.randint(0, vocab, lead, generator=g)
+    drop = torch.rand(lead, generator=g) < ignored
+    targets = torch.where(drop, torch.full_like(targets, ignore_index), targets)
+    return hidden.to(dtype), weight.to(dtype), targets
+
+
+def unfused_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=None, ignore_index=-100,
+                          label_smoothing=0.0, softcap=None, z_loss=0.0, reduction="mean"):
+    """The unfused computation, widened to fp32 (fp64 stays fp64)."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    flat, tflat = logits.flatten(0, -2), targets.flatten()
+    cw = None if class_weight is None else class_weight.to(flat.dtype)
+    loss = F.cross_entropy(flat, tflat, weight=cw, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, reduction="none")
+    kept = tflat != ignore_index
+    if z_loss:
+        loss = loss + z_loss * flat.logsumexp(-1).square() * kept
+    if reduction == "none":
+        return loss.view(targets.shape)
+    if reduction == "sum":
+        return loss.sum()
+    denom = kept.sum() if cw is None else (cw[tflat.clamp(min=0)] * kept).sum()
+    return loss.sum() / denom
+
+
+def run(loss_fn, hidden, weight, targets, dtype=None, /, *, bias=None, upstream=None, **kw):
+    """Forward + backward in ``dtype`` -> (loss, grad_hidden, grad_weight[, grad_bias])."""
+    dtype = dtype or hidden.dtype
+    h = hidden.detach().to(dtype).requires_grad_()
+    w = weight.detach().to(dtype).requires_grad_()
+    b = None if bias is None else bias.detach().to(dtype).requires_grad_()
+    extra = {} if b is None else {"bias": b}
+    loss = loss_fn(h, w, targets, **extra, **kw)
+    out = loss if upstream is None else (loss.double() * upstream.double()).sum()
+    out.backward()
+    grads = (h.grad, w.grad) + (() if b is None else (b.grad,))
+    return (loss.detach(), *grads)

@@ -1,0 +1,167 @@
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lce_compile import AuxRequest, FusedOptions, LinearCrossEntropyLoss, linear_cross_entropy
+from reference import make_inputs, run, unfused_cross_entropy
+
+SMALL = FusedOptions(chunk_size=16)  # many chunks, a ragged last one
+# (lead shape, D, V): N=1, N % chunk != 0, 3-D hidden, prime V, N a multiple of the chunk
+SHAPES = [(1, 8, 11), (37, 16, 101), ((3, 5), 8, 97), (64, 32, 257), ((2, 33), 24, 1009)]
+KWARGS = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"label_smoothing": 0.1},
+    {"softcap": 3.0},
+    {"z_loss": 1e-2},
+    {"ignore_index": 5},
+    {"softcap": 2.0, "z_loss": 1e-3, "label_smoothing": 0.2, "reduction": "sum"},
+]
+
+
+def _fused(h, w, t, **kw):
+    return linear_cross_entropy(h, w, t, options=SMALL, **kw)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kw", KWARGS, ids=lambda kw: ",".join(kw) or "default")
+def test_matches_unfused_fp32(shape, kw):
+    hidden, weight, targets = make_inputs(*shape, seed=zlib.crc32(str(shape).encode()))
+    if kw.get("ignore_index") == 5:
+        targets = torch.where(targets == -100, 5, targets)
+    upstream = torch.randn(targets.shape, dtype=torch.float64) if kw.get("reduction") == "none" else None
+    gold = run(unfused_cross_entropy, hidden, weight, targets, torch.float64, upstream=upstream, **kw)
+    got = run(_fused, hidden, weight, targets, upstream=upstream, **kw)
+    for g, want in zip(got, gold):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, want.float(), equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_class_weight_and_bias(reduction):
+    hidden, weight, targets = make_inputs(45, 16, 53, seed=3)
+    g = torch.Generator().manual_seed(4)
+    bias, class_weight = torch.randn(53, generator=g), torch.rand(53, generator=g) + 0.1
+    kw = dict(class_weight=class_weight, label_smoothing=0.1, reduction=reduction)
+    upstream = torch.randn(45, dtype=torch.float64) if reduction == "none" else None
+    gold = run(unfused_cross_entropy, hidden, weight, targets, torch.float64, bias=bias, upstream=upstream,
+               class_weight=class_weight.double(), label_smoothing=0.1, reduction=reduction)
+    got = run(_fused, hidden, weight, targets, bias=bias, upstream=upstream, **kw)
+    assert len(got) == 4
+    for g_, want in zip(got, gold):
+        torch.testing.assert_close(g_, want.float())
+
+
+def test_all_ignored_rows_nan_loss_zero_grads():
+    hidden, weight, targets = make_inputs(20, 8, 31)
+    targets = torch.full_like(targets, -100)
+    gold = run(lambda h, w, t: F.cross_entropy(h @ w.T, t), hidden, weight, targets, torch.float64)
+    got = run(_fused, hidden, weight, targets)
+    assert torch.isnan(got[0]) and torch.isnan(gold[0])
+    for g_, want in zip(got[1:], gold[1:]):
+        assert torch.equal(g_, want.float()) and not g_.any()
+
+
+def test_empty_batch_behaves_like_unfused():
+    hidden, weight = torch.randn(0, 8, requires_grad=True), torch.randn(13, 8, requires_grad=True)
+    targets = torch.zeros(0, dtype=torch.long)
+    for reduction in ("mean", "sum", "none"):
+        want = F.cross_entropy(hidden @ weight.T, targets, reduction=reduction)
+        got = linear_cross_entropy(hidden, weight, targets, reduction=reduction)
+        torch.testing.assert_close(got, want, equal_nan=True)
+        got.sum().backward()
+        assert weight.grad is not None and not weight.grad.any()
+        weight.grad = None
+
+
+LOW_PRECISION_CASES = [((2048,), 64, 1031, {}), ((4, 300), 48, 2053, {"softcap": 10.0, "z_loss": 1e-4}),
+                       ((1500,), 32, 4099, {"label_smoothing": 0.1, "reduction": "sum"})]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,dim,vocab,kw", LOW_PRECISION_CASES, ids=lambda c: str(c))
+def test_no_less_accurate_than_unfused(dtype, shape, dim, vocab, kw):
+    hidden, weight, targets = make_inputs(shape, dim, vocab, seed=7)
+    gold = run(unfused_cross_entropy, hidden, weight, targets, torch.float64, **kw)
+    ref = run(unfused_cross_entropy, hidden, weight, targets, dtype, **kw)
+    out = run(lambda h, w, t, **k: linear_cross_entropy(h, w, t, options=FusedOptions(chunk_size=256), **k),
+              hidden, weight, targets, dtype, **kw)
+    for name, g, r, o in zip(("loss", "grad_hidden", "grad_weight"), gold, ref, out):
+        assert o.dtype == r.dtype
+        err, ref_err = (o.double() - g).abs().mean(), (r.double() - g).abs().mean()
+        noise = 16 * torch.finfo(torch.float32).eps * g.abs().mean()  # fp32 summation order
+        assert err <= 1.1 * ref_err + noise, f"{name}: {err:.2e} > 1.1 x unfused {ref_err:.2e}"
+
+
+def test_aux_outputs():
+    hidden, weight, targets = make_inputs((3, 7), 16, 41, seed=5)
+    kw = dict(softcap=4.0, z_loss=1e-3)
+    loss, aux = linear_cross_entropy(hidden, weight, targets, options=SMALL,
+                                     return_aux=AuxRequest(loss=True, lse=True, correct=True), **kw)
+    logits = 4.0 * torch.tanh((hidden.double() @ weight.double().T) / 4.0)
+    kept = targets != -100
+    torch.testing.assert_close(aux.lse, logits.logsumexp(-1).float())
+    assert torch.equal(aux.correct, (logits.argmax(-1) == targets) & kept)
+    want = unfused_cross_entropy(hidden.double(), weight.double(), targets, reduction="none", **kw)
+    torch.testing.assert_close(aux.loss, want.float())
+    torch.testing.assert_close(loss, want.sum().float() / kept.sum())
+    assert aux.loss.shape == aux.lse.shape == aux.correct.shape == targets.shape
+    only_lse = linear_cross_entropy(hidden, weight, targets, return_aux=AuxRequest(lse=True))[1]
+    assert only_lse.loss is None and only_lse.correct is None and only_lse.lse is not None
+
+
+def test_module_form_matches_function():
+    hidden, weight, targets = make_inputs(30, 16, 67, seed=9)
+    class_weight = torch.rand(67) + 0.5
+    module = LinearCrossEntropyLoss(class_weight=class_weight, softcap=5.0, z_loss=1e-3, options=SMALL)
+    assert "softcap=5.0" in repr(module) and module.class_weight is not None
+    got = run(module, hidden, weight, targets)
+    want = run(_fused, hidden, weight, targets, class_weight=class_weight, softcap=5.0, z_loss=1e-3)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_)
+
+
+@pytest.mark.parametrize("frozen", ["hidden", "weight", "bias"])
+def test_frozen_inputs_get_no_gradient(frozen):
+    hidden, weight, targets = make_inputs(25, 8, 19, seed=2)
+    tensors = {"hidden": hidden.clone(), "weight": weight.clone(), "bias": torch.randn(19)}
+    for name, t in tensors.items():
+        t.requires_grad_(name != frozen)
+    loss = linear_cross_entropy(tensors["hidden"], tensors["weight"], targets, bias=tensors["bias"], options=SMALL)
+    loss.backward()
+    ref = {n: t.detach().double().requires_grad_(n != frozen) for n, t in tensors.items()}
+    unfused_cross_entropy(ref["hidden"], ref["weight"], targets, bias=ref["bias"]).backward()
+    for name, t in tensors.items():
+        if name == frozen:
+            assert t.grad is None
+        else:
+            torch.testing.assert_close(t.grad, ref[name].grad.float())
+
+
+def test_no_grad_computes_only_the_loss():
+    hidden, weight, targets = make_inputs(40, 8, 23, seed=1)
+    hidden.requires_grad_(), weight.requires_grad_()
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets, options=SMALL)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, unfused_cross_entropy(hidden.double(), weight.double(), targets).float())
+
+
+def test_second_backward_raises_clearly():
+    hidden, weight, targets = make_inputs(12, 8, 17)
+    hidden.requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, targets)
+    loss.backward(retain_graph=True)
+    first = hidden.grad.clone()
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    assert torch.equal(hidden.grad, first)
+    # "none" recomputes in backward, so a retained graph can be differentiated again
+    rows = linear_cross_entropy(hidden, weight, targets, reduction="none")
+    hidden.grad = None
+    rows.sum().backward(retain_graph=True)
+    rows.sum().backward()
+    torch.testing.assert_close(hidden.grad, 2 * first * (targets != -100).sum())
