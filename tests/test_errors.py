@@ -1,0 +1,98 @@
+"""Bad input gets a ValueError/TypeError naming the argument and what was expected (wording pinned)."""
+import expecttest
+import torch
+import torch.nn.functional as F
+
+from lce_compile import FusedOptions, LinearCrossEntropyLoss, fused_loss, linear_cross_entropy
+
+H, W, T = torch.randn(4, 8), torch.randn(11, 8), torch.randint(0, 11, (4,))
+
+
+def _message(call):
+    try:
+        call()
+    except (ValueError, TypeError, NotImplementedError) as error:
+        return f"{type(error).__name__}: {error}"
+    raise AssertionError("no error raised")
+
+
+class TestErrors(expecttest.TestCase):
+    def test_hidden_weight_mismatch(self):
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(torch.randn(4, 7), W, T)), """\
+ValueError: linear_cross_entropy: hidden's last dimension must equal weight's D = 8 (weight is (V, D) = (11, 8)), got hidden (4, 7).""")
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W[0], T)), """\
+ValueError: linear_cross_entropy: weight must have shape (V, D), got (8,).""")
+
+    def test_dtype_mismatch(self):
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W.double(), T)), """\
+TypeError: linear_cross_entropy: hidden and weight must have one dtype, got torch.float32 and torch.float64.""")
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H.long(), W, T)), """\
+TypeError: linear_cross_entropy: hidden must be float32, bfloat16 or float16, got torch.int64.""")
+
+    def test_targets_shape(self):
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H.view(2, 2, 8), W, T)), """\
+ValueError: linear_cross_entropy: targets must have the leading shape of hidden (2, 2), got (4,).""")
+        self.assertExpectedInline(_message(lambda: fused_loss(F.cross_entropy)(H, W, T[:3])), """\
+ValueError: fused_loss(cross_entropy): targets must have the leading shape of hidden (4,), got (3,).""")
+
+    def test_non_integer_targets(self):
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W, T.float())), """\
+TypeError: linear_cross_entropy: targets must be an integer tensor of class indices, got torch.float32. Probability targets need the full (N, V) tensor and are not supported.""")
+
+    def test_targets_out_of_range(self):
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W, torch.tensor([0, 11, 2, 3]))), """\
+ValueError: linear_cross_entropy: targets must be in [0, 11) or ignore_index=-100, got 11.""")
+        self.assertExpectedInline(_message(lambda: fused_loss(F.cross_entropy)(H, W, torch.tensor([0, -1, 2, 3]))), """\
+ValueError: fused_loss(cross_entropy): targets must be in [0, 11) or ignore_index=-100, got -1.""")
+        # the ignore_index itself is fine, and validation can be switched off
+        linear_cross_entropy(H, W, torch.tensor([0, -100, 2, 3]))
+        linear_cross_entropy(H, W, torch.tensor([0, 7, 2, 3]), ignore_index=7)
+
+    def test_mismatched_devices(self):
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W.to("meta"), T)), """\
+ValueError: linear_cross_entropy: weight must be on hidden's device cpu, got meta.""")
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W, T.to("meta"))), """\
+ValueError: linear_cross_entropy: targets must be on hidden's device cpu, got meta.""")
+
+    def test_unknown_keyword(self):
+        self.assertExpectedInline(_message(lambda: fused_loss(F.cross_entropy)(H, W, T, ignore_idx=3)), """\
+TypeError: fused_loss(cross_entropy): unknown keyword 'ignore_idx'; cross_entropy accepts weight, size_average, ignore_index, reduce, reduction, label_smoothing (plus bias= and options= for the fused call).""")
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W, T, ignore_idx=3)), """\
+TypeError: linear_cross_entropy() got an unexpected keyword argument 'ignore_idx'""")
+
+    def test_bias_and_class_weight(self):
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W, T, bias=torch.randn(10))), """\
+ValueError: linear_cross_entropy: bias must have shape (V,) = (11,), got (10,).""")
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W, T, class_weight=torch.rand(3))), """\
+ValueError: linear_cross_entropy: class_weight must have shape (V,) = (11,), got (3,).""")
+
+    def test_options(self):
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W, T, reduction="avg")), """\
+ValueError: linear_cross_entropy: reduction must be one of 'mean', 'sum', 'none', got 'avg'.""")
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W, T, softcap=-1.0)), """\
+ValueError: linear_cross_entropy: softcap must be a positive float or None, got -1.0.""")
+        self.assertExpectedInline(_message(lambda: FusedOptions(chunk_size=0)), """\
+ValueError: FusedOptions: chunk_size must be a positive int or None, got 0.""")
+        self.assertExpectedInline(_message(lambda: LinearCrossEntropyLoss(reduction="mean ")), """\
+ValueError: LinearCrossEntropyLoss: reduction must be one of 'mean', 'sum', 'none', got 'mean '.""")
+        self.assertExpectedInline(_message(lambda: fused_loss(F.cross_entropy, returns="avg")), """\
+ValueError: fused_loss: returns must be one of 'rows', 'sum', 'mean', got 'avg'.""")
+
+    def test_custom_loss_inputs(self):
+        def rows(logits, targets, mask):
+            return F.cross_entropy(logits, targets, reduction="none") * mask
+
+        self.assertExpectedInline(_message(lambda: fused_loss(rows)(H, W, T, torch.ones(5))), """\
+ValueError: fused_loss(rows): mask must have the leading shape of hidden (4,), got (5,).""")
+        mask = torch.ones(4, requires_grad=True)
+        self.assertExpectedInline(_message(lambda: fused_loss(rows)(H, W, T, mask)), """\
+NotImplementedError: fused_loss(rows): mask requires grad; only hidden, weight and bias get gradients. Pass mask.detach().""")
+
+    def test_validation_is_skipped_when_asked(self):
+        # out-of-range targets then reach F.cross_entropy itself, which raises its own error
+        with self.assertRaises(IndexError):
+            linear_cross_entropy(H, W, torch.tensor([0, 11, 2, 3]), options=FusedOptions(validate=False))
+
+
+if __name__ == "__main__":
+    expecttest.run_tests()
