@@ -1,8 +1,8 @@
 """Train a tiny causal LM twice from one seed, with the unfused and the fused loss: the curves must agree.
 
-Run: python examples/train_tiny_lm.py [--steps 200] [--out examples/train_tiny_lm.png]
-Each variant runs in its own child process; its peak memory is the growth of peak RSS (VmHWM, reset
-after setup) over the training loop, with MALLOC_MMAP_THRESHOLD_=65536 so that freed buffers go back.
+Run: python examples/train_tiny_lm.py [--steps 200] [--out examples/train_tiny_lm.png]  (--out '' : no plot)
+Each variant runs in its own child process; its peak memory is the growth of peak RSS (VmHWM, reset after
+setup) over the training loop, with MALLOC_MMAP_THRESHOLD_=65536 so that freed buffers go back to the OS.
 """
 import argparse, json, os, re, subprocess, sys, time
 
@@ -12,26 +12,28 @@ from torch import nn
 
 from lce_compile import FusedOptions, linear_cross_entropy
 
+CALLS = {"unfused": "F.cross_entropy(hidden @ W.T, targets)", "fused": "linear_cross_entropy(hidden, W, targets)"}
+
 
 def rss_kib(field):
     return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1))
 
 
 class TinyLM(nn.Module):
-    def __init__(self, vocab, width, layers=2):
+    def __init__(self, vocab, width, layers=2, max_seq=1024):
         super().__init__()
-        self.embed, self.pos = nn.Embedding(vocab, width), nn.Parameter(torch.randn(512, width) * 0.02)
+        self.embed, self.pos = nn.Embedding(vocab, width), nn.Parameter(torch.randn(max_seq, width) * 0.02)
         block = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
-        self.blocks, self.norm = nn.TransformerEncoder(block, layers, enable_nested_tensor=False), nn.LayerNorm(width)
-        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm, self.lm_head = nn.LayerNorm(width), nn.Linear(width, vocab, bias=False)
 
-    def forward(self, tokens):  # (B, T) -> final hidden (B, T, D); the head is applied by the loss
+    def forward(self, tokens):  # (B, T) -> final hidden (B, T, D); the loss applies lm_head
         mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1])
         return self.norm(self.blocks(self.embed(tokens) + self.pos[: tokens.shape[1]], mask=mask, is_causal=True))
 
 
 def batches(args):
-    """A fixed random Markov chain: each token has 4 successors drawn from a Zipf law over the vocab."""
+    """A fixed random Markov chain: each token has 4 successors, drawn from a Zipf law over the vocab."""
     g = torch.Generator().manual_seed(1)
     zipf = 1.0 / torch.arange(1, args.vocab + 1)
     succ = torch.multinomial(zipf, 4 * args.vocab, replacement=True, generator=g).view(args.vocab, 4)
@@ -44,19 +46,19 @@ def batches(args):
 
 
 def train(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
     model = TinyLM(args.vocab, args.width)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    options = FusedOptions(chunk_size=args.chunk_size)
+    opt, options = torch.optim.AdamW(model.parameters(), lr=3e-3), FusedOptions(chunk_size=args.chunk_size)
     data, losses = list(batches(args)), []
-    open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current RSS
     base, start = rss_kib("VmRSS"), time.perf_counter()
     for inputs, targets in data:
         hidden = model(inputs)
         if args.variant == "unfused":
-            logits = hidden @ model.lm_head.weight.T  # (B, T, V) fp32
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            loss = F.cross_entropy((hidden @ model.lm_head.weight.T).flatten(0, 1), targets.flatten())
         else:
             loss = linear_cross_entropy(hidden, model.lm_head.weight, targets, options=options)
         opt.zero_grad(set_to_none=True)
@@ -67,49 +69,45 @@ def train(args):
     print(json.dumps({"losses": losses, "peak_mib": peak_mib, "seconds": time.perf_counter() - start}))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--chunk-size", type=int, default=None, help="fused rows per chunk (default: the library's)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "train_tiny_lm.png"))
-    p.add_argument("--variant", choices=("unfused", "fused"), help=argparse.SUPPRESS)  # child process
-    args = p.parse_args()
-    if args.variant:
-        return train(args)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    runs = {}
-    for variant in ("unfused", "fused"):
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant],
-                               env=env, capture_output=True, text=True, check=True)
-        runs[variant] = json.loads(child.stdout.strip().splitlines()[-1])
-        print(f"{variant:>8}: loss {runs[variant]['losses'][0]:.3f} -> {runs[variant]['losses'][-1]:.3f}, "
-              f"peak memory +{runs[variant]['peak_mib']:.1f} MiB, {runs[variant]['seconds']:.1f} s")
-    ref, got = torch.tensor(runs["unfused"]["losses"]), torch.tensor(runs["fused"]["losses"])
-    rel = ((got - ref).abs() / ref.abs()).max().item()
-    print(f"max relative difference over {len(ref)} steps: {rel:.3e}")
+def plot(args, runs, rel):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot")
-    else:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for variant, style in (("unfused", "-"), ("fused", "--")):
-            label = (f"{variant}: {'F.cross_entropy(h @ W.T)' if variant == 'unfused' else 'linear_cross_entropy'}"
-                     f", peak +{runs[variant]['peak_mib']:.1f} MiB")
-            ax.plot(runs[variant]["losses"], style, label=label)
-        ax.set(xlabel="step", ylabel="loss (nats)", title=f"tiny LM, V={args.vocab}, {args.batch}x{args.seq} "
-               f"tokens/step, fp32 CPU; max rel diff {rel:.1e}\npeak memory: growth of peak RSS over training")
-        ax.title.set_fontsize(9)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.out, dpi=100)
-        print(f"saved {args.out}")
+        return print("matplotlib is not installed: no plot")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (variant, call), style in zip(CALLS.items(), ("-", "--")):
+        ax.plot(runs[variant]["losses"], style, label=f"{call}: peak +{runs[variant]['peak_mib']:.1f} MiB")
+    ax.set(xlabel="step", ylabel="loss (nats)", title=f"tiny LM, V={args.vocab}, {args.batch}x{args.seq} tokens/"
+           f"step, fp32 CPU, max rel diff {rel:.1e}\npeak memory: growth of peak RSS over the training loop")
+    ax.title.set_fontsize(9), ax.legend(), fig.tight_layout(), fig.savefig(args.out, dpi=100)
+    print(f"saved {args.out}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for flag, default in (("--steps", 200), ("--vocab", 8192), ("--width", 128), ("--batch", 4), ("--seq", 128)):
+        p.add_argument(flag, type=int, default=default)
+    p.add_argument("--chunk-size", type=int, help="fused rows per chunk (default: the library's)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "train_tiny_lm.png"))
+    p.add_argument("--variant", choices=tuple(CALLS), help=argparse.SUPPRESS)  # set in the child processes
+    args = p.parse_args()
+    if args.variant:
+        return train(args)
+    runs, env = {}, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    for variant in CALLS:
+        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant],
+                               env=env, stdout=subprocess.PIPE, text=True, check=True)
+        run = runs[variant] = json.loads(child.stdout.splitlines()[-1])
+        print(f"{variant:>8}: loss {run['losses'][0]:.3f} -> {run['losses'][-1]:.3f}, "
+              f"peak memory +{run['peak_mib']:.1f} MiB, {run['seconds']:.1f} s")
+    ref, got = torch.tensor(runs["unfused"]["losses"]), torch.tensor(runs["fused"]["losses"])
+    rel = ((got - ref).abs() / ref.abs()).max().item()
+    print(f"max relative difference over {len(ref)} steps: {rel:.3e}")
+    if args.out:
+        plot(args, runs, rel)
     sys.exit(0 if rel < 1e-3 else f"FAIL: fused and unfused losses differ by {rel:.3e} > 1e-3 relative")
 
 

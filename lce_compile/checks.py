@@ -109,20 +109,32 @@ def check_reduction(name: str, reduction) -> None:
         raise ValueError(f"{name}: reduction must be one of 'mean', 'sum', 'none', got {reduction!r}.")
 
 
+@torch.compiler.assume_constant_result  # inside torch.compile: evaluated once while tracing, a constant
+def parameters(fn) -> tuple | None:
+    """fn's parameters as ((name, kind), ...) with inspect's kinds as ints, or None without a signature."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return tuple((p.name, int(p.kind)) for p in params)
+
+
+_POSITIONAL = (int(inspect.Parameter.POSITIONAL_ONLY), int(inspect.Parameter.POSITIONAL_OR_KEYWORD))
+_NOT_KEYWORD = (int(inspect.Parameter.POSITIONAL_ONLY), int(inspect.Parameter.VAR_POSITIONAL))
+
+
+def positional_names(fn) -> tuple:
+    """Names of fn's positional parameters (logits first), () without a signature."""
+    return tuple(n for n, kind in parameters(fn) or () if kind in _POSITIONAL)
+
+
 def check_keywords(name: str, fn, n_rows: int, kwargs: dict) -> None:
     """The call's keywords must be parameters of ``fn`` (unless it takes ``**kwargs``)."""
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # builtins without a signature: let fn itself judge
-        return
-    params = signature.parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    positional = [p for p in params.values()
-                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    taken = {p.name for p in positional[: 1 + n_rows]}  # logits, then the row inputs
-    accepted = [p for p in params if p not in taken
-                and params[p].kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL)]
+    params = parameters(fn)
+    if params is None or any(kind == int(inspect.Parameter.VAR_KEYWORD) for _, kind in params):
+        return  # no signature, or **kwargs: let fn itself judge
+    taken = positional_names(fn)[: 1 + n_rows]  # logits, then the row inputs
+    accepted = [n for n, kind in params if n not in taken and kind not in _NOT_KEYWORD]
     for key in kwargs:
         if key not in accepted:
             raise TypeError(

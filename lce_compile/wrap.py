@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +75,9 @@ class FusedLoss:
         if options is not None and not isinstance(options, FusedOptions):
             raise TypeError(f"fused_loss: options must be FusedOptions, got {type(options).__name__}.")
         self.fn, self.returns, self.mean_over, self.options = fn, returns, mean_over, options
-        self.name = f"fused_loss({getattr(fn, '__name__', type(fn).__name__)})"
-        functools.update_wrapper(self, fn)
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+        self.__doc__, self.__wrapped__ = fn.__doc__, fn  # not functools.update_wrapper: dynamo can't trace it
+        self.name = f"fused_loss({self.__name__})"
 
     def __repr__(self):
         return f"{self.name[:-1]}, returns={self.returns!r})"
@@ -119,10 +119,7 @@ class FusedLoss:
 
 
 def _row_names(fn, count):
-    try:
-        params = list(inspect.signature(fn).parameters)[1:]
-    except (TypeError, ValueError):
-        params = []
+    params = checks.positional_names(fn)[1:]
     return [params[i] if i < len(params) else f"row input {i}" for i in range(count)]
 
 
@@ -130,11 +127,14 @@ def _class_index_form(self, hidden, weight, bias, row_inputs, kwargs, options):
     """F.cross_entropy / F.nll_loss: rows from reduction='none', PyTorch's weighted global mean."""
     fn = self.fn
     checks.check_keywords(self.name, fn, len(row_inputs), kwargs)
-    try:
-        bound = inspect.signature(fn).bind(None, *row_inputs, **kwargs)
-    except TypeError as error:
-        raise TypeError(f"{self.name}: {error}.") from None
-    args = bound.arguments
+    names = checks.positional_names(fn)[1:]  # target, weight, size_average, ignore_index, ...
+    if len(row_inputs) > len(names):
+        raise TypeError(f"{self.name}: takes at most {len(names)} arguments after weight, got {len(row_inputs)}.")
+    args = dict(zip(names, row_inputs))
+    for key in kwargs:
+        if key in args:
+            raise TypeError(f"{self.name}: got {key!r} both positionally and as a keyword.")
+    args.update(kwargs)
     if "target" not in args:
         raise TypeError(f"{self.name}: missing targets; call it as (hidden, weight, targets, ...).")
     targets, class_weight = args["target"], args.get("weight")

@@ -16,8 +16,9 @@ def progress_line(r: dict) -> str:
 
 def tables(meta: dict, results: list) -> str:
     """The header, then one table per shape, each followed by its errors and warnings."""
-    out = [f"lce_compile {meta['lce_compile']} bench | {meta['device']}: {meta['device_name']} "
-           f"({meta['threads']} threads) | torch {meta['torch']} | {meta['dtype']} | {meta['date_utc']}"]
+    threads = f" ({meta['threads']} threads)" if meta["device"] == "cpu" else ""
+    out = [f"lce_compile {meta['lce_compile']} bench | {meta['device']}: {meta['device_name']}{threads} "
+           f"| torch {meta['torch']} | {meta['dtype']} | {meta['date_utc']}"]
     for name, reason in meta["skipped"].items():
         out.append(f"skipped {name}: {reason}")
     for shape in dict.fromkeys(r["shape"] for r in results):

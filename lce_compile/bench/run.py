@@ -37,7 +37,8 @@ def parse_args(argv=None):
         prog="python -m lce_compile.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Time, peak memory and accuracy of fused linear + cross-entropy implementations.\n"
                     "Each (shape, method) is measured in fresh worker processes.",
-        epilog="shapes: " + ", ".join(f"{k} (N={n} D={d} V={v})" for k, (n, d, v) in SHAPES.items())
+        epilog="shapes (N tokens, D hidden, V vocab):\n"
+               + "\n".join(f"  {k:14s}N={n} D={d} V={v}" for k, (n, d, v) in SHAPES.items())
                + "\nmethods:\n" + "\n".join(f"  {k:14s}{m.doc}" for k, m in METHODS.items()))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", choices=DTYPES, help="default: float32 on cpu, bfloat16 on cuda")
@@ -46,8 +47,9 @@ def parse_args(argv=None):
                              "(e.g. 'cpu-small,64x32x101' or '64,32,101'); may be repeated. "
                              "Default: cpu-small,cpu-large on cpu, the four model shapes on cuda")
     parser.add_argument("--methods", metavar="LIST",
-                        help="comma-separated method names, or 'all'. Default: eager,fused,torch_lce on cpu; "
-                             "eager,compile,fused,torch_lce,liger,cce on cuda. Unavailable ones are skipped")
+                        help="comma-separated method names, or 'all'. Default: "
+                             + "; ".join(f"{','.join(parse_methods(None, dev))} on {dev}" for dev in DEFAULT_DTYPE)
+                             + ". Unavailable ones are skipped with a note")
     parser.add_argument("--repeat", type=int, help="timed steps, median reported. Default: 1 on cpu, 10 on cuda")
     parser.add_argument("--json", default="bench_results.json", metavar="PATH",
                         help="where to write all results and metadata (default: %(default)s)")
@@ -178,7 +180,8 @@ def isolated(task: dict) -> dict:
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = multiprocessing.get_context("forkserver")
-        # torch._dynamo too: lce_compile imports it at its first call even when nothing compiles (~3 s).
+        # Imports only, never a torch op: OpenMP is not fork-safe once its thread pool exists.
+        # torch._dynamo: lce_compile imports it at its first call even when nothing compiles (~3 s).
         _CONTEXT.set_forkserver_preload(["lce_compile.bench.measure", "torch._dynamo"])
     recv, send = _CONTEXT.Pipe(duplex=False)
     proc = _CONTEXT.Process(target=measure.child, args=(task, send), daemon=True)

@@ -1,0 +1,98 @@
+"""Inside a user's torch.compile(fullgraph=True); bounded recompiles as N changes; no host-device syncs."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounter
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lce_compile import FusedOptions, fused_loss, linear_cross_entropy
+from reference import make_inputs, run, unfused_cross_entropy
+
+SMALL = FusedOptions(chunk_size=16)
+LOSSES = {
+    "linear_cross_entropy": lambda h, w, t: linear_cross_entropy(h, w, t, softcap=5.0, z_loss=1e-3, options=SMALL),
+    "fused_loss(F.cross_entropy)": lambda h, w, t: fused_loss(F.cross_entropy)(
+        h, w, t, label_smoothing=0.1, options=SMALL),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_inside_user_compile_fullgraph(name):
+    loss_fn = LOSSES[name]
+    compiled = torch.compile(lambda h, w, t: 2 * loss_fn(h, w, t), fullgraph=True, backend="aot_eager")
+    hidden, weight, targets = make_inputs((3, 25), 16, 97, seed=1)
+    want = run(lambda h, w, t: 2 * loss_fn(h, w, t), hidden, weight, targets)
+    got = run(compiled, hidden, weight, targets)
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_)
+
+
+def test_inside_user_compile_with_inductor():
+    compiled = torch.compile(LOSSES["linear_cross_entropy"], fullgraph=True)
+    hidden, weight, targets = make_inputs(50, 16, 97, seed=2)
+    gold = run(lambda h, w, t: unfused_cross_entropy(h, w, t, softcap=5.0, z_loss=1e-3),
+               hidden, weight, targets, torch.float64)
+    for g, w_ in zip(run(compiled, hidden, weight, targets), gold):
+        torch.testing.assert_close(g, w_.float())
+
+
+def test_recompiles_are_bounded_when_tokens_change():
+    counter = CompileCounter()
+    loss_fn = LOSSES["linear_cross_entropy"]
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
+    _, weight, _ = make_inputs(1, 16, 97)
+    weight.requires_grad_()
+    sizes = list(range(17, 260, 7))  # 35 token counts, 17..255: 1 to 16 chunks of 16
+    for n in sizes:
+        hidden, _, targets = make_inputs(n, 16, 97, seed=n)
+        hidden.requires_grad_()
+        loss = compiled(hidden, weight, targets)
+        loss.backward()
+        torch.testing.assert_close(loss, unfused_cross_entropy(hidden, weight, targets, softcap=5.0, z_loss=1e-3))
+    # chunk counts are powers of two (2, 4, 8, 16 here), plus the first, static-shape compile
+    assert counter.frame_count <= 6, f"{counter.frame_count} compiles for {len(sizes)} token counts"
+
+
+def test_compiled_chunk_functions_match_eager():
+    opts = FusedOptions(chunk_size=16, compile=True)
+    hidden, weight, targets = make_inputs((2, 21), 16, 61, seed=3)
+    gold = run(lambda h, w, t: unfused_cross_entropy(h, w, t, label_smoothing=0.1), hidden, weight, targets,
+               torch.float64)
+    got = run(lambda h, w, t: linear_cross_entropy(h, w, t, label_smoothing=0.1, options=opts),
+              hidden, weight, targets)
+    for g, w_ in zip(got, gold):
+        torch.testing.assert_close(g, w_.float())
+
+
+class _SyncCounter(TorchDispatchMode):
+    """Counts reads of a tensor's value back to the host (.item(), .tolist(), bool(tensor))."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("n", [40, 400])
+def test_no_host_reads_in_the_chunk_loop(n):
+    hidden, weight, targets = make_inputs(n, 16, 97, seed=4)
+    hidden.requires_grad_()
+    counts = {}
+    for validate in (False, True):
+        with _SyncCounter() as counter:
+            linear_cross_entropy(hidden, weight, targets, options=FusedOptions(chunk_size=16, validate=validate),
+                                 ).backward()
+        counts[validate] = counter.syncs
+    assert counts[False] == 0
+    assert counts[True] <= 2  # the one target-range check before the loop, whatever n is

@@ -1,0 +1,38 @@
+"""The examples run, and their fused losses match the unfused code (each script asserts it and exits non-zero)."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name, *args):
+    # One torch thread: the scripts are small, and oversubscribed threads stall on shared CI cores.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def test_custom_loss():
+    out = run_example("custom_loss.py")
+    assert "focal_loss: max |diff|" in out and "penalized_ce: max |diff|" in out
+    assert "fused == unfused" in out
+
+
+@pytest.mark.parametrize("chunk_size", [None, 48])  # library default (one chunk here), and ragged chunks
+def test_train_tiny_lm_curves_agree(tmp_path, chunk_size):
+    plot = tmp_path / "curves.png"
+    args = ["--steps", "12", "--vocab", "1031", "--width", "64", "--batch", "2", "--seq", "96", "--threads", "1",
+            "--out", str(plot)]
+    out = run_example("train_tiny_lm.py", *args, *(["--chunk-size", str(chunk_size)] if chunk_size else []))
+    rel = float(re.search(r"max relative difference over 12 steps: (\S+)", out).group(1))
+    assert rel < 1e-3, out
+    first, last = (float(x) for x in re.search(r"fused: loss (\S+) -> (\S+),", out).groups())
+    assert last < first, f"the loss did not fall:\n{out}"
+    assert plot.exists() or "matplotlib is not installed" in out
