@@ -155,7 +155,7 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
     total = hidden.new_zeros((), dtype=acc)
     pieces, aux_pieces, out_dtype = [], [[] for _ in plan.aux_keys], None
     chunk = policy.chunk_rows(vocab, hidden.device, plan.options)
-    with policy.compile_context():
+    with policy.compile_context(hidden.device, plan.options):
         for start, end in policy.chunk_bounds(n, chunk):
             hidden_c, rows_c = hidden[start:end], tuple(r[start:end] for r in row_inputs)
             cot = cotangent if cotangent is None or cotangent.dim() == 0 else cotangent[start:end]

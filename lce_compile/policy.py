@@ -104,10 +104,10 @@ def chunk_function(step, device: torch.device, options: FusedOptions, rows: int)
     return _compiled(step)
 
 
-def compile_context():
+def compile_context(device: torch.device, options: FusedOptions):
     # Each (loss function, options, dtype) combination is one cache entry of the chunk step; raise the
     # per-function limit for our call only, so that several losses in one program stay compiled.
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not wants_compile(device, options):
         return contextlib.nullcontext()
     return torch._dynamo.config.patch(recompile_limit=64)
 

@@ -42,6 +42,8 @@ def run_task(task: dict) -> dict:
     """Entry point in the worker; exceptions become ``{"error": ...}`` so that one method never ends a run."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        for category in (DeprecationWarning, FutureWarning):  # about APIs (torch's own), not these numbers
+            warnings.filterwarnings("ignore", category=category)
         try:
             result = _TASKS[task["task"]](task)
         except torch.OutOfMemoryError:
