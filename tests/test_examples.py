@@ -26,10 +26,10 @@ def test_custom_loss():
 def test_train_tiny_lm_curves_agree(tmp_path):
     plot = tmp_path / "curves.png"
     # 192 tokens in chunks of 48 (the default chunk would hold them all), prime vocab
-    out = run_example("train_tiny_lm.py", "--steps", "12", "--vocab", "1031", "--width", "64", "--batch", "2",
+    out = run_example("train_tiny_lm.py", "--steps", "30", "--vocab", "1031", "--width", "64", "--batch", "2",
                       "--seq", "96", "--chunk-size", "48", "--out", str(plot))
-    rel = float(re.search(r"max relative difference over 12 steps: (\S+)", out).group(1))
-    assert rel < 1e-3, out
+    rel = float(re.search(r"max relative difference over 30 steps: (\S+)", out).group(1))
+    assert rel < 1e-5, out  # the script exits non-zero above 1e-3; fp32 rounding alone stays near 1e-7
     first, last = (float(x) for x in re.search(r"^ +fused: loss (\S+) -> (\S+),", out, re.M).groups())
     assert last < first, f"the loss did not fall:\n{out}"
     assert plot.exists() or "matplotlib is not installed" in out
