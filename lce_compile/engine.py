@@ -155,7 +155,8 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
     total = hidden.new_zeros((), dtype=acc)
     pieces, aux_pieces, out_dtype = [], [[] for _ in plan.aux_keys], None
     chunk = policy.chunk_rows(vocab, hidden.device, plan.options)
-    with policy.compile_context(hidden.device, plan.options):
+    compiled = policy.wants_compile(hidden.device, plan.options, n * vocab)
+    with policy.compile_context(compiled):
         for start, end in policy.chunk_bounds(n, chunk):
             hidden_c, rows_c = hidden[start:end], tuple(r[start:end] for r in row_inputs)
             cot = cotangent if cotangent is None or cotangent.dim() == 0 else cotangent[start:end]
@@ -163,7 +164,7 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
             if plan.returns == "mean":  # fn returns a mean over the chunk: weight it by the chunk's share
                 chunk_weight = row_weight[start:end].sum()
                 cot = None if cot is None else cot * chunk_weight
-            step = policy.chunk_function(_chunk_step, hidden.device, plan.options, end - start)
+            step = policy.chunk_function(_chunk_step, compiled, end - start)
             value, aux, dlogits, dbias = step(plan.fn, kwargs, plan.row_keys, hidden_c, weight, bias, rows_c, cot,
                                               want_b)
             _check_value(plan, value, end - start)

@@ -12,14 +12,16 @@ import torch
 
 __all__ = ["FusedOptions"]
 
-# Bytes of one fp32 (C, V) buffer per chunk; a chunk holds a few such buffers (logits, their gradient).
-# CPU: small enough that the peak stays within 1.5x the gradient bytes at V ~ 50k (see docs/design.md).
-_CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 24 << 20, "mps": 128 << 20}
+# Bytes of one fp32 (C, V) buffer per chunk; a compiled chunk holds two (logits, their gradient), an
+# eager one about four (autograd keeps log-probabilities and their gradient too).
+_CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 40 << 20, "mps": 128 << 20}
 _DEFAULT_CHUNK_BYTES = 64 << 20
-# Whether chunk functions are compiled by default. CPU: eager chunks already match the unfused code
-# (the matmuls dominate) and Inductor's C++ build costs tens of seconds per shape; MPS: Inductor's
-# Metal backend is still experimental.
-_COMPILE_BY_DEFAULT = {"cuda": True}
+# CPU: fewer rows make the matmuls slow, more cost memory (1.5x the fp32 gradients at D=1024, V=50k).
+_MAX_ROWS = {"cpu": 192}
+# Compiled by default: CUDA always; the CPU from 2**26 logits per call, where fusing the chunk's
+# elementwise work pays for Inductor's C++ build (tens of seconds, once per shape); below that, eager
+# chunks are as fast. MPS: Inductor's Metal backend is still experimental.
+_COMPILE_FROM_LOGITS = {"cuda": 0, "cpu": 1 << 26}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +31,11 @@ class FusedOptions:
     Args:
         chunk_size (int, optional): rows (tokens) per chunk. Default: from ``chunk_bytes``.
         chunk_bytes (int, optional): bytes of one fp32 ``(chunk_size, V)`` buffer; sets ``chunk_size``
-            when that is not given. Default: per device (CUDA 512 MiB, CPU 24 MiB, MPS 128 MiB).
-        compile (bool, optional): compile the chunk functions with ``torch.compile``. Default: on CUDA
-            only. ``compile=False`` keeps the chunking, for debugging.
+            when that is not given. Default: per device (CUDA 512 MiB, CPU 40 MiB and at most 192 rows,
+            MPS 128 MiB).
+        compile (bool, optional): compile the chunk functions with ``torch.compile``. Default: on CUDA;
+            on the CPU from 2**26 logits per call (N * V), where it is faster. ``compile=False`` keeps the
+            chunking, for debugging.
         validate (bool): check target values (range) before the chunk loop. This reads one scalar back
             from the device; it is skipped inside ``torch.compile``. Default: ``True``.
     """
@@ -61,6 +65,8 @@ def chunk_rows(vocab: int, device: torch.device, options: FusedOptions) -> int:
         return options.chunk_size
     budget = options.chunk_bytes or _CHUNK_BYTES.get(device.type, _DEFAULT_CHUNK_BYTES)
     rows = budget // (4 * max(vocab, 1))
+    if options.chunk_bytes is None:
+        rows = min(rows, _MAX_ROWS.get(device.type, rows))
     return max(16, rows // 16 * 16)
 
 
@@ -82,10 +88,12 @@ def chunk_bounds(n, chunk: int):
     return [(k * n // count, (k + 1) * n // count) for k in range(count)]
 
 
-def wants_compile(device: torch.device, options: FusedOptions) -> bool:
+def wants_compile(device: torch.device, options: FusedOptions, logits: int) -> bool:
+    """Whether to compile the chunk functions of a call with ``logits`` = N * V elements in all."""
     if options.compile is not None:
         return options.compile
-    return _COMPILE_BY_DEFAULT.get(device.type, False)
+    threshold = _COMPILE_FROM_LOGITS.get(device.type)
+    return threshold is not None and logits >= threshold
 
 
 @functools.cache
@@ -93,21 +101,21 @@ def _compiled(step):
     return torch.compile(step, fullgraph=True)
 
 
-def chunk_function(step, device: torch.device, options: FusedOptions, rows: int):
-    """``step`` compiled for this device, or ``step`` itself.
+def chunk_function(step, compiled: bool, rows: int):
+    """``step`` compiled, or ``step`` itself.
 
     Inside a user's ``torch.compile`` the compiled wrapper is inlined into the user's graph. Empty
     chunks run eagerly (no graph is worth specializing for them).
     """
-    if rows == 0 or not wants_compile(device, options):
+    if rows == 0 or not compiled:
         return step
     return _compiled(step)
 
 
-def compile_context(device: torch.device, options: FusedOptions):
+def compile_context(compiled: bool):
     # Each (loss function, options, dtype) combination is one cache entry of the chunk step; raise the
     # per-function limit for our call only, so that several losses in one program stay compiled.
-    if torch.compiler.is_compiling() or not wants_compile(device, options):
+    if torch.compiler.is_compiling() or not compiled:
         return contextlib.nullcontext()
     return torch._dynamo.config.patch(recompile_limit=64)
 

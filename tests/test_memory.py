@@ -8,6 +8,9 @@ from memtrack import AllocationTracker
 from reference import make_inputs
 
 D, V, CHUNK = 64, 8192, 32
+# Eager chunks: a dispatch mode sees every allocation of eager code (a compiled chunk's internal buffers
+# are invisible to it), and eager chunks hold more (C, V) buffers than compiled ones.
+OPTIONS = FusedOptions(chunk_size=CHUNK, compile=False)
 CHUNK_BYTES = CHUNK * V * 4     # one fp32 (C, V) buffer
 # (C, V) buffers alive at once inside an eager chunk: logits, softcapped logits and their tanh, log-probs,
 # and their gradients; compiled chunks fuse most of them away
@@ -26,11 +29,11 @@ def _measure(loss_fn, n, dtype=torch.float32, **kw):
 
 LOSSES = {
     "linear_cross_entropy": lambda h, w, t: linear_cross_entropy(
-        h, w, t, softcap=20.0, z_loss=1e-4, options=FusedOptions(chunk_size=CHUNK)),
+        h, w, t, softcap=20.0, z_loss=1e-4, options=OPTIONS),
     "fused_loss(F.cross_entropy)": lambda h, w, t: fused_loss(F.cross_entropy)(
-        h, w, t, label_smoothing=0.1, options=FusedOptions(chunk_size=CHUNK)),
+        h, w, t, label_smoothing=0.1, options=OPTIONS),
     "reduction='none'": lambda h, w, t: linear_cross_entropy(
-        h, w, t, reduction="none", options=FusedOptions(chunk_size=CHUNK)).sum(),
+        h, w, t, reduction="none", options=OPTIONS).sum(),
 }
 
 

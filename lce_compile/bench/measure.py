@@ -1,7 +1,7 @@
 """What runs inside one isolated worker process: inputs, one training step, and its measurements.
 
 A task is a plain dict (it crosses a process boundary) and so is its result:
-``{"task": "memory" | "time" | "cuda" | "errors", "shape": (N, D, V), "device", "dtype", "seed", ...}``.
+``{"task": "cpu" | "cuda" | "errors", "shape": (N, D, V), "device", "dtype", "seed", ...}``.
 """
 from __future__ import annotations
 
@@ -79,21 +79,29 @@ def _warm_up(fn, method, hidden, weight, targets, full_runs):
     hidden.grad = weight.grad = None
 
 
-def _cpu_memory(task):
-    """Peak resident memory of one full step above the inputs, in a process of its own."""
+def _cpu(task):
+    """CPU, in a process of its own: peak resident memory of one full step above the inputs, and the
+    wall time of that step and of ``repeat - 1`` more (median)."""
     # Without this, glibc keeps freed buffers of up to 32 MiB resident for reuse, and RSS would count
     # memory that is free: with a fixed 64 KiB threshold every large buffer is mmapped and returned.
-    # (The same as MALLOC_MMAP_THRESHOLD_=65536, which a forked worker would read too late.)
+    # (The same as MALLOC_MMAP_THRESHOLD_=65536, which a forked worker would read too late.) It makes
+    # small allocations slower, which can only understate a chunked method's speed.
     ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 65536)
     _, hidden, weight, targets = _setup(task)
     method = METHODS[task["method"]]
     fn = method.make()
-    _warm_up(fn, method, hidden, weight, targets, full_runs=1)
+    _warm_up(fn, method, hidden, weight, targets, full_runs=task["warmup"])
     base = _proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
-    step(fn, hidden, weight, targets)
-    return {"peak_bytes": (_proc_status_kib("VmHWM") - base) * 1024}
+    times = []
+    for _ in range(task["repeat"]):
+        start = time.perf_counter()
+        step(fn, hidden, weight, targets)
+        times.append(time.perf_counter() - start)
+        if len(times) == 1:
+            peak = (_proc_status_kib("VmHWM") - base) * 1024
+    return {"peak_bytes": peak, "time_s": statistics.median(times), "times_s": times}
 
 
 def _proc_status_kib(field):
@@ -102,20 +110,6 @@ def _proc_status_kib(field):
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _cpu_time(task):
-    """Median wall time of full steps; a process without the memory worker's slow small-mmap setting."""
-    _, hidden, weight, targets = _setup(task)
-    method = METHODS[task["method"]]
-    fn = method.make()
-    _warm_up(fn, method, hidden, weight, targets, full_runs=task["warmup"])
-    times = []
-    for _ in range(task["repeat"]):
-        start = time.perf_counter()
-        step(fn, hidden, weight, targets)
-        times.append(time.perf_counter() - start)
-    return {"time_s": statistics.median(times), "times_s": times}
 
 
 def _cuda(task):
@@ -178,7 +172,7 @@ def _relative_error(got, want):
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-_TASKS = {"memory": _cpu_memory, "time": _cpu_time, "cuda": _cuda, "errors": _errors}
+_TASKS = {"cpu": _cpu, "cuda": _cuda, "errors": _errors}
 
 
 def child(task: dict, conn) -> None:

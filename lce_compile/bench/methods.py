@@ -110,10 +110,13 @@ METHODS = {
     "eager": Method(lambda: unfused_cross_entropy, "unfused: F.cross_entropy((hidden @ weight.T).float(), targets)"),
     # CPU opt-in: Inductor's C++ build takes minutes per shape there.
     "compile": Method(_make_compile, "torch.compile of the unfused code", default_on=("cuda",), compiles=True),
-    "fused": Method(_make_fused, "lce_compile.linear_cross_entropy, default options"),
-    "fused_generic": Method(_make_fused_generic, "lce_compile.fused_loss(F.cross_entropy)", default_on=()),
+    # lce_compile compiles its chunk functions on CUDA, and on the CPU for large calls
+    "fused": Method(_make_fused, "lce_compile.linear_cross_entropy, default options", compiles=True),
+    "fused_generic": Method(_make_fused_generic, "lce_compile.fused_loss(F.cross_entropy)", default_on=(),
+                            compiles=True),
+    # opt-in on the CPU, where one cpu-large step takes as long as eager's: the default run stays < 2 min
     "torch_lce": Method(_make_torch_lce, "F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())",
-                        unavailable=_torch_lce_unavailable),
+                        unavailable=_torch_lce_unavailable, default_on=("cuda",)),
     "liger": Method(_make_liger, "liger_kernel LigerFusedLinearCrossEntropyLoss",
                     unavailable=_needs_module("liger_kernel"), default_on=("cuda",)),
     "cce": Method(_make_cce, "cut_cross_entropy.linear_cross_entropy",

@@ -142,10 +142,7 @@ def bench_shape(shape_name, shape, methods, args, say):
     for name in methods:
         record = {"shape": shape_name, "N": n, "D": d, "V": v, "method": name, "floor_bytes": floor}
         task = dict(base, method=name, repeat=args.repeat, warmup=WARMUP[args.device])
-        if args.device == "cuda":
-            parts = [isolated(dict(task, task="cuda"))]
-        else:  # memory needs the allocator setting that slows small allocations: time it elsewhere
-            parts = [isolated(dict(task, task="memory")), isolated(dict(task, task="time"))]
+        parts = [isolated(dict(task, task=args.device))]
         parts.append(errors.get("errors", {}).get(name, {"error": f"errors: {errors.get('error')}"}))
         records.append(_merge(record, parts))
         say(report.progress_line(records[-1]))
