@@ -14,7 +14,7 @@ import torch
 from torch.func import grad_and_value
 
 from . import checks, policy
-from .policy import DEFAULT_OPTIONS, FusedOptions
+from .policy import FusedOptions
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -26,10 +26,10 @@ class Plan:
     returns: str              # what fn returns per chunk: "rows" | "sum" | "mean"
     reduction: str            # what the call returns: "none" (rows) | "sum" | "mean"
     kwargs: dict              # fn's non-tensor keyword arguments
+    options: FusedOptions     # no default: under torch.compile a default instance has no source to guard on
     tensor_keys: tuple = ()   # fn's tensor keyword arguments, passed to apply() positionally
     row_keys: tuple = ()      # keyword names of the last row inputs (split by rows like the others)
     aux_keys: tuple = ()      # names of per-row outputs fn returns beside its values
-    options: FusedOptions = DEFAULT_OPTIONS
 
 
 def accumulation_dtype(hidden) -> torch.dtype:

@@ -124,7 +124,8 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with ``acc`` fp32 and the product accumulated in fp32 (no low-precision partials)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.device.type == "cuda":
+    elif acc.device.type == "cuda" and not torch.compiler.is_compiling():
+        # cuBLAS: low-precision inputs, fp32 output, no upcast copies (torch 2.11 cannot trace it)
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))

@@ -112,8 +112,7 @@ class FusedLoss:
             row_weight = self.mean_over(*row_inputs)
             checks.check_rows(self.name, "mean_over(...)", row_weight, hidden)
         reduction = {"rows": "none", "sum": "sum", "mean": "mean"}[self.returns]
-        plan = Plan(self.name, self.fn, self.returns, reduction, static, tuple(tensors), tuple(row_kw),
-                    options=options)
+        plan = Plan(self.name, self.fn, self.returns, reduction, static, options, tuple(tensors), tuple(row_kw))
         return fused_call(plan, hidden, weight, bias, (*row_inputs, *row_kw.values()), tuple(tensors.values()),
                           row_weight)
 
@@ -151,7 +150,7 @@ def _class_index_form(self, hidden, weight, bias, row_inputs, kwargs, options):
         static["label_smoothing"] = args["label_smoothing"]
     tensors = {} if class_weight is None else {"weight": class_weight}
     row_weight = kept_row_weight(targets, ignore_index, class_weight) if reduction == "mean" else None
-    plan = Plan(self.name, fn, "rows", reduction, static, tuple(tensors), options=options)
+    plan = Plan(self.name, fn, "rows", reduction, static, options, tuple(tensors))
     return fused_call(plan, hidden, weight, bias, (targets.long(),), tuple(tensors.values()), row_weight)
 
 

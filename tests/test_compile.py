@@ -34,6 +34,13 @@ def test_inside_user_compile_fullgraph(name):
         torch.testing.assert_close(g, w_)
 
 
+def test_inside_user_compile_default_options():
+    compiled = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t), fullgraph=True, backend="aot_eager")
+    hidden, weight, targets = make_inputs(30, 8, 29, seed=5)
+    for g, w_ in zip(run(compiled, hidden, weight, targets), run(linear_cross_entropy, hidden, weight, targets)):
+        torch.testing.assert_close(g, w_)
+
+
 def test_inside_user_compile_with_inductor():
     compiled = torch.compile(LOSSES["linear_cross_entropy"], fullgraph=True)
     hidden, weight, targets = make_inputs(50, 16, 97, seed=2)

@@ -111,7 +111,7 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
     static = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "softcap": softcap,
               "z_loss": z_loss, "aux_keys": aux_keys}
     tensors = {} if class_weight is None else {"class_weight": class_weight}
-    plan = Plan(_NAME, _ce_rows, "rows", reduction, static, tuple(tensors), aux_keys=aux_keys, options=options)
+    plan = Plan(_NAME, _ce_rows, "rows", reduction, static, options, tuple(tensors), aux_keys=aux_keys)
     row_weight = kept_row_weight(targets, ignore_index, class_weight) if reduction == "mean" else None
     out = fused_call(plan, hidden, weight, bias, (targets.long(),), tuple(tensors.values()), row_weight)
     if return_aux is None:
