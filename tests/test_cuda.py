@@ -74,11 +74,13 @@ def test_memory_bounded_and_flat_in_tokens():
 def test_inside_user_compile_fullgraph_and_no_syncs():
     hidden, weight, targets = _cuda(*make_inputs(3000, 256, 8191, torch.bfloat16, seed=4))
     loss_fn = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, softcap=30.0), fullgraph=True)
-    want = run(lambda h, w, t: linear_cross_entropy(h, w, t, softcap=30.0, options=FusedOptions(compile=False)),
-               hidden, weight, targets)
+    gold = run(unfused_cross_entropy, hidden, weight, targets, torch.float64, softcap=30.0)
+    ref = run(unfused_cross_entropy, hidden, weight, targets, softcap=30.0)
     got = run(loss_fn, hidden, weight, targets)
-    for g, w_ in zip(got, want):
-        torch.testing.assert_close(g.float(), w_.float(), rtol=2e-2, atol=1e-4)
+    for name, g, r, o in zip(("loss", "grad_hidden", "grad_weight"), gold, ref, got):
+        err, ref_err = (o.double() - g).abs().mean(), (r.double() - g).abs().mean()
+        noise = 16 * torch.finfo(torch.float32).eps * g.abs().mean()
+        assert err <= 1.1 * ref_err + noise, f"{name}: {err:.2e} > 1.1 x unfused {ref_err:.2e}"
     opts = FusedOptions(validate=False)
     run(lambda h, w, t: linear_cross_entropy(h, w, t, options=opts), hidden, weight, targets)  # warm up
     torch.cuda.set_sync_debug_mode("error")
