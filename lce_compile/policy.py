@@ -104,10 +104,11 @@ def _compiled(step):
 def chunk_function(step, compiled: bool, rows: int):
     """``step`` compiled, or ``step`` itself.
 
-    Inside a user's ``torch.compile`` the compiled wrapper is inlined into the user's graph. Empty
-    chunks run eagerly (no graph is worth specializing for them).
+    Inside a user's ``torch.compile`` the plain step is traced into the user's graph (a nested compiled
+    wrapper gave wrong gradients on CUDA with torch 2.11). Empty chunks run eagerly (no graph is worth
+    specializing for them).
     """
-    if rows == 0 or not compiled:
+    if rows == 0 or not compiled or torch.compiler.is_compiling():
         return step
     return _compiled(step)
 
