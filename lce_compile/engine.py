@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 from torch.func import grad_and_value
+from torch.utils.checkpoint import checkpoint
 
 from . import checks, policy
 from .policy import FusedOptions
@@ -64,7 +65,12 @@ def fused_call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), r
     if plan.reduction == "mean":
         denom = row_weight.sum() if row_weight is not None else hidden.new_tensor(float(n), dtype=acc)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    if torch.is_grad_enabled() and any(needs):
+    if torch.compiler.is_compiling():
+        # Inside a user's torch.compile: plain differentiable chunks, each checkpointed, so that AOTAutograd
+        # derives the backward (recomputing each chunk's logits) and Inductor fuses it. (torch 2.11 traces
+        # torch.func gradients inside an autograd.Function's forward to wrong values.)
+        out = _traced_forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
+    elif torch.is_grad_enabled() and any(needs):
         out = _FusedLinearLoss.apply(plan, needs, hidden, weight, bias, row_weight, denom,
                                      *row_inputs, *tensor_kwargs)
     else:
@@ -129,6 +135,35 @@ def _forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, 
     values, aux, _ = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
                                  cotangent=None, row_weight=row_weight, needs=(False, False, False))
     return (_reduce(plan, *values, denom), *aux)
+
+
+def _traced_forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom):
+    """The values of ``_chunk_loop``, differentiable, for tracing by torch.compile."""
+    kwargs = dict(plan.kwargs, **dict(zip(plan.tensor_keys, tensor_kwargs)))
+    total, pieces, aux_pieces = hidden.new_zeros((), dtype=accumulation_dtype(hidden)), [], []
+    chunk = policy.chunk_rows(weight.shape[0], hidden.device, plan.options)
+    for start, end in policy.chunk_bounds(hidden.shape[0], chunk):
+        rows_c = tuple(r[start:end] for r in row_inputs)
+        value, aux = checkpoint(_chunk_values, plan.fn, kwargs, plan.row_keys, hidden[start:end], weight, bias,
+                                rows_c, use_reentrant=False)
+        _check_value(plan, value, end - start)
+        aux_pieces.append(aux)
+        if plan.reduction == "none":
+            pieces.append(value)
+        elif plan.returns == "mean":
+            chunk_weight = row_weight[start:end].sum()
+            total = total + torch.where(chunk_weight > 0, value.to(total.dtype) * chunk_weight, 0.0)
+        else:
+            total = total + value.to(total.dtype).sum()
+    values = torch.cat(pieces) if plan.reduction == "none" else total
+    aux = tuple(torch.cat(bucket).detach() for bucket in zip(*aux_pieces))
+    return (_reduce(plan, values, value.dtype, denom), *aux)
+
+
+def _chunk_values(fn, kwargs, row_keys, hidden, weight, bias, row_inputs):
+    logits = policy.linear(hidden, weight, bias)
+    split = len(row_inputs) - len(row_keys)
+    return _split(fn(logits, *row_inputs[:split], **dict(kwargs, **dict(zip(row_keys, row_inputs[split:])))))
 
 
 def _reduce(plan, values, out_dtype, denom):
