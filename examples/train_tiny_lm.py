@@ -51,7 +51,7 @@ def train(args):
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
     model = TinyLM(args.vocab, args.width)
-    opt, options = torch.optim.AdamW(model.parameters(), lr=3e-3), FusedOptions(chunk_size=args.chunk_size)
+    opt, options = torch.optim.AdamW(model.parameters(), lr=args.lr), FusedOptions(chunk_size=args.chunk_size)
     data, losses = list(batches(args)), []
     open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current RSS
     base, start = rss_kib("VmRSS"), time.perf_counter()
@@ -89,9 +89,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag, default in (("--steps", 200), ("--vocab", 8192), ("--width", 128), ("--batch", 4), ("--seq", 128)):
         p.add_argument(flag, type=int, default=default)
-    p.add_argument("--chunk-size", type=int, help="fused rows per chunk (default: the library's, here all rows). "
-                   "Fewer rows than --batch x --seq sum the gradients in another order, and AdamW amplifies that "
-                   "fp32 rounding: like the unfused loss summed in two halves, the curves drift ~3e-3 by step 200")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--chunk-size", type=int, help="fused rows per chunk (default: the library's, 192 here). Chunks "
+                   "sum the gradients in another order than one matmul; AdamW amplifies that fp32 rounding over the "
+                   "steps, and faster at larger --lr (at 3e-3 the curves drift ~3e-3 apart by step 200, as the "
+                   "unfused loss summed in two halves does)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "train_tiny_lm.png"))
     p.add_argument("--variant", choices=tuple(CALLS), help=argparse.SUPPRESS)  # set in the child processes
