@@ -43,7 +43,8 @@ def kept_row_weight(targets, ignore_index: int, class_weight=None) -> torch.Tens
     kept = targets != ignore_index
     if class_weight is None:
         return kept.float()
-    picked = class_weight.to(torch.promote_types(class_weight.dtype, torch.float32)).gather(0, torch.where(kept, targets, 0).reshape(-1)).reshape(targets.shape)
+    class_weight = class_weight.to(torch.promote_types(class_weight.dtype, torch.float32))
+    picked = class_weight.gather(0, torch.where(kept, targets, 0).reshape(-1)).reshape(targets.shape)
     return picked * kept
 
 
@@ -94,15 +95,15 @@ class _FusedLinearLoss(torch.autograd.Function):
             out = _forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
             ctx.save_for_backward(hidden, weight, bias, *tensors)
         else:
-            scale = _mean_scale(denom) if plan.reduction == "mean" else hidden.new_ones((), dtype=accumulation_dtype(hidden))
+            if plan.reduction == "mean":
+                scale = _mean_scale(denom)
+            else:
+                scale = hidden.new_ones((), dtype=accumulation_dtype(hidden))
             values, aux, grads = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
                                              cotangent=scale, row_weight=row_weight, needs=needs)
             out = (_reduce(plan, *values, denom), *aux)
-            grads = _finish_grads(grads, hidden, weight, bias)
-            if torch.compiler.is_compiling():
-                ctx.save_for_backward(*grads)
-            else:
-                ctx.grads = grads  # handed over once, scaled in place: no full-size copy in backward
+            # handed over once, scaled in place: no full-size copy in backward (never traced: see fused_call)
+            ctx.grads = _finish_grads(grads, hidden, weight, bias)
         ctx.mark_non_differentiable(*out[1:])
         return out
 
@@ -112,11 +113,10 @@ class _FusedLinearLoss(torch.autograd.Function):
         if plan.reduction == "none":
             hidden, weight, bias, *tensors = ctx.saved_tensors
             row_inputs, tensor_kwargs = tensors[: ctx.n_rows], tensors[ctx.n_rows:]
+            cotangent = grad_value.to(accumulation_dtype(hidden))
             _, _, grads = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
-                                      cotangent=grad_value.to(accumulation_dtype(hidden)), row_weight=None, needs=needs)
+                                      cotangent=cotangent, row_weight=None, needs=needs)
             grads = _finish_grads(grads, hidden, weight, bias)
-        elif torch.compiler.is_compiling():
-            grads = tuple(None if g is None else g * grad_value for g in ctx.saved_tensors)
         else:
             if ctx.grads is None:
                 raise checks.second_backward_error(plan.name)
