@@ -141,7 +141,7 @@ def _traced_forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_w
     """The values of ``_chunk_loop``, differentiable, for tracing by torch.compile."""
     kwargs = dict(plan.kwargs, **dict(zip(plan.tensor_keys, tensor_kwargs)))
     total, pieces, aux_pieces = hidden.new_zeros((), dtype=accumulation_dtype(hidden)), [], []
-    chunk = policy.chunk_rows(weight.shape[0], hidden.device, plan.options)
+    chunk = policy.chunk_rows(weight.shape[0], hidden.shape[1], hidden.device, plan.options)
     for start, end in policy.chunk_bounds(hidden.shape[0], chunk):
         rows_c = tuple(r[start:end] for r in row_inputs)
         value, aux = checkpoint(_chunk_values, plan.fn, kwargs, plan.row_keys, hidden[start:end], weight, bias,
@@ -189,7 +189,7 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if want_b else None
     total = hidden.new_zeros((), dtype=acc)
     pieces, aux_pieces, out_dtype = [], [[] for _ in plan.aux_keys], None
-    chunk = policy.chunk_rows(vocab, hidden.device, plan.options)
+    chunk = policy.chunk_rows(vocab, hidden.shape[1], hidden.device, plan.options)
     compiled = policy.wants_compile(hidden.device, plan.options, n * vocab)
     with policy.compile_context(compiled):
         for start, end in policy.chunk_bounds(n, chunk):
@@ -237,6 +237,8 @@ def _chunk_step(fn, kwargs, row_keys, hidden, weight, bias, row_inputs, cotangen
         return (value.to(cotangent.dtype) * cotangent).sum(), (value, aux)
 
     dlogits, (_, (value, aux)) = grad_and_value(objective, has_aux=True)(logits)
+    if logits.stride(0) == 1 and logits.dim() == 2:  # transposed logits (CPU): give the gradient that layout,
+        dlogits = dlogits.t().contiguous().t()       # so that a compiled chunk writes it over the logits
     if value.dim() == 0:
         # A scalar fn over an all-ignored chunk may have NaN gradients (0/0); its weight is 0, and so
         # must its gradient be.

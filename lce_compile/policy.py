@@ -12,12 +12,10 @@ import torch
 
 __all__ = ["FusedOptions"]
 
-# Bytes of one fp32 (C, V) buffer per chunk; a compiled chunk holds two (logits, their gradient), an
-# eager one about four (autograd keeps log-probabilities and their gradient too).
-_CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 40 << 20, "mps": 128 << 20}
+# Bytes of one fp32 (C, V) buffer per chunk. A compiled chunk writes the logits' gradient over the logits
+# (one buffer); an eager one holds about four (autograd keeps log-probabilities and their gradient too).
+_CHUNK_BYTES = {"cuda": 512 << 20, "mps": 128 << 20}
 _DEFAULT_CHUNK_BYTES = 64 << 20
-# CPU: fewer rows make the matmuls slow, more cost memory (1.5x the fp32 gradients at D=1024, V=50k).
-_MAX_ROWS = {"cpu": 192}
 # Compiled by default: CUDA always; the CPU from 2**26 logits per call, where fusing the chunk's
 # elementwise work pays for Inductor's C++ build (tens of seconds, once per shape); below that, eager
 # chunks are as fast. MPS: Inductor's Metal backend is still experimental.
@@ -31,8 +29,8 @@ class FusedOptions:
     Args:
         chunk_size (int, optional): rows (tokens) per chunk. Default: from ``chunk_bytes``.
         chunk_bytes (int, optional): bytes of one fp32 ``(chunk_size, V)`` buffer; sets ``chunk_size``
-            when that is not given. Default: per device (CUDA 512 MiB, CPU 40 MiB and at most 192 rows,
-            MPS 128 MiB).
+            when that is not given. Default: CUDA 512 MiB, MPS 128 MiB; on the CPU ``chunk_size`` is
+            D / 4 rows (64 to 256).
         compile (bool, optional): compile the chunk functions with ``torch.compile``. Default: on CUDA;
             on the CPU from 2**26 logits per call (N * V), where it is faster. ``compile=False`` keeps the
             chunking, for debugging.
@@ -59,14 +57,16 @@ class FusedOptions:
 DEFAULT_OPTIONS = FusedOptions()
 
 
-def chunk_rows(vocab: int, device: torch.device, options: FusedOptions) -> int:
-    """Rows per chunk: fixed per (vocab, device), never a function of the number of tokens."""
+def chunk_rows(vocab: int, dim: int, device: torch.device, options: FusedOptions) -> int:
+    """Rows per chunk: fixed per (vocab, dim, device), never a function of the number of tokens."""
     if options.chunk_size is not None:
         return options.chunk_size
+    if device.type == "cpu" and options.chunk_bytes is None:
+        # D / 4 rows: the chunk's working set (1-2 fp32 (C, V) buffers and ~20 MiB) stays within half the
+        # fp32 weight gradient (V * D * 4 bytes), and 128-256 rows keep CPU matmuls near their full speed.
+        return min(256, max(64, dim // 4)) // 16 * 16
     budget = options.chunk_bytes or _CHUNK_BYTES.get(device.type, _DEFAULT_CHUNK_BYTES)
     rows = budget // (4 * max(vocab, 1))
-    if options.chunk_bytes is None:
-        rows = min(rows, _MAX_ROWS.get(device.type, rows))
     return max(16, rows // 16 * 16)
 
 
