@@ -79,6 +79,9 @@ def _warm_up(fn, method, hidden, weight, targets, full_runs):
     hidden.grad = weight.grad = None
 
 
+_CPU_MIN_TIMED_S = 6.0
+
+
 def _cpu(task):
     """CPU, in a process of its own: peak resident memory of one full step above the inputs, and the
     wall time of that step and of ``repeat - 1`` more (median)."""
@@ -95,7 +98,8 @@ def _cpu(task):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
     times = []
-    for _ in range(task["repeat"]):
+    # at least `repeat` steps, and short steps until ~6 s of them: one 2 s step moves by +-10% run to run
+    while len(times) < task["repeat"] or (sum(times) < _CPU_MIN_TIMED_S and len(times) < 9):
         start = time.perf_counter()
         step(fn, hidden, weight, targets)
         times.append(time.perf_counter() - start)
