@@ -40,3 +40,10 @@ def test_parse_shapes():
         parse_shapes(["64,32"])
     with pytest.raises(ValueError, match="unknown shape 'nope'"):
         parse_shapes(["nope"])
+
+
+def test_interleaved_ratios_structure():
+    from lce_compile.bench.interleaved import ratios
+
+    out = ratios((64, 32, 101), ["eager", "fused"], rounds=2)
+    assert list(out) == ["fused"] and len(out["fused"]) == 2 and all(r > 0 for r in out["fused"])
