@@ -148,22 +148,32 @@ def _traced_forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_w
                                 rows_c, use_reentrant=False)
         _check_value(plan, value, end - start)
         aux_pieces.append(aux)
-        if plan.reduction == "none":
-            pieces.append(value)
-        elif plan.returns == "mean":
-            chunk_weight = row_weight[start:end].sum()
-            total = total + torch.where(chunk_weight > 0, value.to(total.dtype) * chunk_weight, 0.0)
-        else:
-            total = total + value.to(total.dtype).sum()
+        chunk_weight = row_weight[start:end].sum() if plan.returns == "mean" else None
+        total = _accumulate(plan, total, pieces, value, chunk_weight)
     values = torch.cat(pieces) if plan.reduction == "none" else total
     aux = tuple(torch.cat(bucket).detach() for bucket in zip(*aux_pieces))
     return (_reduce(plan, values, value.dtype, denom), *aux)
 
 
 def _chunk_values(fn, kwargs, row_keys, hidden, weight, bias, row_inputs):
-    logits = policy.linear(hidden, weight, bias)
+    return _apply(fn, kwargs, row_keys, policy.linear(hidden, weight, bias), row_inputs)
+
+
+def _apply(fn, kwargs, row_keys, logits, row_inputs):
+    """fn(logits, *row inputs, **kwargs), the last ``len(row_keys)`` row inputs passed by keyword."""
     split = len(row_inputs) - len(row_keys)
-    return _split(fn(logits, *row_inputs[:split], **dict(kwargs, **dict(zip(row_keys, row_inputs[split:])))))
+    out = fn(logits, *row_inputs[:split], **dict(kwargs, **dict(zip(row_keys, row_inputs[split:]))))
+    return (out[0], tuple(out[1])) if isinstance(out, tuple) else (out, ())
+
+
+def _accumulate(plan, total, pieces, value, chunk_weight):
+    """Add one chunk's values: per row to ``pieces`` ("none"), else into the fp32 ``total``, returned."""
+    if plan.reduction == "none":
+        pieces.append(value)
+        return total
+    if chunk_weight is not None:  # an all-ignored chunk's mean is 0/0: it weighs nothing
+        return total + torch.where(chunk_weight > 0, value.to(total.dtype) * chunk_weight, 0.0)
+    return total + value.to(total.dtype).sum()
 
 
 def _reduce(plan, values, out_dtype, denom):
@@ -204,12 +214,7 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
                                               want_b)
             _check_value(plan, value, end - start)
             out_dtype = value.dtype
-            if plan.reduction == "none":
-                pieces.append(value)
-            elif chunk_weight is not None:  # an all-ignored chunk's mean is 0/0: it weighs nothing
-                total = total + torch.where(chunk_weight > 0, value.to(acc) * chunk_weight, 0.0)
-            else:
-                total = total + value.to(acc).sum()
+            total = _accumulate(plan, total, pieces, value, chunk_weight)
             for bucket, a in zip(aux_pieces, aux):
                 bucket.append(a)
             if want_h:
@@ -226,14 +231,11 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
 def _chunk_step(fn, kwargs, row_keys, hidden, weight, bias, row_inputs, cotangent, want_bias):
     """One chunk: logits, fn's values, and d(sum(values * cotangent)) / d logits. Compiled by policy."""
     logits = policy.linear(hidden, weight, bias)  # (C, V) in the input dtype, as hidden @ weight.T + bias
-    split = len(row_inputs) - len(row_keys)
-    args, kwargs = row_inputs[:split], dict(kwargs, **dict(zip(row_keys, row_inputs[split:])))
     if cotangent is None:
-        value, aux = _split(fn(logits, *args, **kwargs))
-        return value, aux, None, None
+        return (*_apply(fn, kwargs, row_keys, logits, row_inputs), None, None)
 
     def objective(logits):
-        value, aux = _split(fn(logits, *args, **kwargs))
+        value, aux = _apply(fn, kwargs, row_keys, logits, row_inputs)
         return (value.to(cotangent.dtype) * cotangent).sum(), (value, aux)
 
     dlogits, (_, (value, aux)) = grad_and_value(objective, has_aux=True)(logits)
@@ -245,12 +247,6 @@ def _chunk_step(fn, kwargs, row_keys, hidden, weight, bias, row_inputs, cotangen
         dlogits = torch.where(cotangent != 0, dlogits, 0)
     dbias = dlogits.sum(0, dtype=cotangent.dtype) if want_bias else None
     return value, aux, dlogits, dbias
-
-
-def _split(out):
-    if isinstance(out, tuple):
-        return out[0], tuple(out[1])
-    return out, ()
 
 
 def _check_value(plan, value, rows):
