@@ -68,8 +68,8 @@ def fused_call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), r
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     if torch.compiler.is_compiling():
         # Inside a user's torch.compile: plain differentiable chunks, each checkpointed, so that AOTAutograd
-        # derives the backward (recomputing each chunk's logits) and Inductor fuses it. (torch 2.11 traces
-        # torch.func gradients inside an autograd.Function's forward to wrong values.)
+        # derives the backward (recomputing each chunk's logits) and Inductor fuses it. (Traced, the
+        # gradient-in-forward autograd.Function gave wrong gradients with torch 2.11 on CUDA, cause not isolated.)
         out = _traced_forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
     elif torch.is_grad_enabled() and any(needs):
         out = _FusedLinearLoss.apply(plan, needs, hidden, weight, bias, row_weight, denom,

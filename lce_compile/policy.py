@@ -102,13 +102,10 @@ def _compiled(step):
 
 
 def chunk_function(step, compiled: bool, rows: int):
-    """``step`` compiled, or ``step`` itself.
-
-    Inside a user's ``torch.compile`` the plain step is traced into the user's graph (a nested compiled
-    wrapper gave wrong gradients on CUDA with torch 2.11). Empty chunks run eagerly (no graph is worth
-    specializing for them).
+    """``step`` compiled, or ``step`` itself. Empty chunks run eagerly (no graph is worth specializing
+    for them). Never called inside a user's ``torch.compile``: that path is engine._traced_forward.
     """
-    if rows == 0 or not compiled or torch.compiler.is_compiling():
+    if rows == 0 or not compiled:
         return step
     return _compiled(step)
 
@@ -116,7 +113,7 @@ def chunk_function(step, compiled: bool, rows: int):
 def compile_context(compiled: bool):
     # Each (loss function, options, dtype) combination is one cache entry of the chunk step; raise the
     # per-function limit for our call only, so that several losses in one program stay compiled.
-    if torch.compiler.is_compiling() or not compiled:
+    if not compiled:
         return contextlib.nullcontext()
     return torch._dynamo.config.patch(recompile_limit=64)
 
@@ -125,8 +122,8 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with ``acc`` fp32 and the product accumulated in fp32 (no low-precision partials)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.device.type == "cuda" and not torch.compiler.is_compiling():
-        # cuBLAS: low-precision inputs, fp32 output, no upcast copies (torch 2.11 cannot trace it)
+    elif acc.device.type == "cuda":
+        # cuBLAS: low-precision inputs, fp32 output, no upcast copies (eager only: torch 2.11 cannot trace it)
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
