@@ -121,7 +121,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             if ctx.grads is None:
                 raise checks.second_backward_error(plan.name)
             grads, ctx.grads = ctx.grads, None
-            grads = tuple(None if g is None else g.mul_(grad_value) for g in grads)
+            policy.scale_(grads, grad_value)
         return (None, None, *grads, None, None) + (None,) * (len(ctx.needs_input_grad) - 7)
 
 
@@ -141,7 +141,7 @@ def _traced_forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_w
     """The values of ``_chunk_loop``, differentiable, for tracing by torch.compile."""
     kwargs = dict(plan.kwargs, **dict(zip(plan.tensor_keys, tensor_kwargs)))
     total, pieces, aux_pieces = hidden.new_zeros((), dtype=accumulation_dtype(hidden)), [], []
-    chunk = policy.chunk_rows(weight.shape[0], hidden.shape[1], hidden.device, plan.options)
+    chunk = policy.chunk_rows(weight, hidden.shape[1], hidden.device, plan.options)
     for start, end in policy.chunk_bounds(hidden.shape[0], chunk):
         rows_c = tuple(r[start:end] for r in row_inputs)
         value, aux = checkpoint(_chunk_values, plan.fn, kwargs, plan.row_keys, hidden[start:end], weight, bias,
@@ -193,60 +193,66 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
     n, vocab = hidden.shape[0], weight.shape[0]
     want_h, want_w, want_b = needs if cotangent is not None else (False, False, False)
     kwargs = dict(plan.kwargs, **dict(zip(plan.tensor_keys, tensor_kwargs)))
-    grad_h = torch.empty_like(hidden) if want_h else None
     acc = accumulation_dtype(hidden)  # fp32, or fp64 for fp64 inputs
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+    grad_h = torch.empty_like(hidden) if want_h else None
+    grad_w = torch.empty(weight.shape, dtype=policy.grad_weight_dtype(weight), device=weight.device) \
+        if want_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if want_b else None
     total = hidden.new_zeros((), dtype=acc)
     pieces, aux_pieces, out_dtype = [], [[] for _ in plan.aux_keys], None
-    chunk = policy.chunk_rows(vocab, hidden.shape[1], hidden.device, plan.options)
+    chunk = policy.chunk_rows(weight, hidden.shape[1], hidden.device, plan.options)
     compiled = policy.wants_compile(hidden.device, plan.options, n * vocab)
     with policy.compile_context(compiled):
-        for start, end in policy.chunk_bounds(n, chunk):
+        for k, (start, end) in enumerate(policy.chunk_bounds(n, chunk)):
             hidden_c, rows_c = hidden[start:end], tuple(r[start:end] for r in row_inputs)
             cot = cotangent if cotangent is None or cotangent.dim() == 0 else cotangent[start:end]
             chunk_weight = None
             if plan.returns == "mean":  # fn returns a mean over the chunk: weight it by the chunk's share
                 chunk_weight = row_weight[start:end].sum()
                 cot = None if cot is None else cot * chunk_weight
+            # one (C, V) buffer: the logits, then (written by the step, in place) their gradient
+            logits = policy.linear(hidden_c, weight, bias)
             step = policy.chunk_function(_chunk_step, compiled, end - start)
-            value, aux, dlogits, dbias = step(plan.fn, kwargs, plan.row_keys, hidden_c, weight, bias, rows_c, cot,
-                                              want_b)
+            value, aux, dbias = step(plan.fn, kwargs, plan.row_keys, logits, rows_c, cot, want_b)
             _check_value(plan, value, end - start)
             out_dtype = value.dtype
             total = _accumulate(plan, total, pieces, value, chunk_weight)
             for bucket, a in zip(aux_pieces, aux):
                 bucket.append(a)
             if want_h:
-                torch.mm(dlogits, weight, out=grad_h[start:end])
+                torch.mm(logits, weight, out=grad_h[start:end])
             if want_w:
-                policy.addmm_fp32_(grad_w, dlogits.t(), hidden_c)
+                policy.add_product_(grad_w, logits.t(), hidden_c, first=k == 0)
             if want_b:
                 grad_b += dbias
+            del logits  # before the next chunk's buffer is allocated
     values = torch.cat(pieces) if plan.reduction == "none" else total
     aux = tuple(torch.cat(bucket) for bucket in aux_pieces)
     return (values, out_dtype), aux, (grad_h, grad_w, grad_b)
 
 
-def _chunk_step(fn, kwargs, row_keys, hidden, weight, bias, row_inputs, cotangent, want_bias):
-    """One chunk: logits, fn's values, and d(sum(values * cotangent)) / d logits. Compiled by policy."""
-    logits = policy.linear(hidden, weight, bias)  # (C, V) in the input dtype, as hidden @ weight.T + bias
+def _chunk_step(fn, kwargs, row_keys, logits, row_inputs, cotangent, want_bias):
+    """One chunk's values; with a cotangent, also overwrites ``logits`` with d(sum(values * cotangent))/d logits.
+
+    Compiled by policy: one pass reads the logits for fn's reductions, the next writes their gradient over
+    them, so the chunk needs one (C, V) buffer in the input dtype.
+    """
     if cotangent is None:
-        return (*_apply(fn, kwargs, row_keys, logits, row_inputs), None, None)
+        return (*_apply(fn, kwargs, row_keys, logits, row_inputs), None)
 
     def objective(logits):
         value, aux = _apply(fn, kwargs, row_keys, logits, row_inputs)
-        return (value.to(cotangent.dtype) * cotangent).sum(), (value, aux)
+        # copies: the logits are overwritten below, and fn may return views of them
+        return (value.to(cotangent.dtype) * cotangent).sum(), (value.clone(), tuple(a.clone() for a in aux))
 
     dlogits, (_, (value, aux)) = grad_and_value(objective, has_aux=True)(logits)
-    if logits.stride(0) == 1 and logits.dim() == 2:  # transposed logits (CPU): give the gradient that layout,
-        dlogits = dlogits.t().contiguous().t()       # so that a compiled chunk writes it over the logits
     if value.dim() == 0:
         # A scalar fn over an all-ignored chunk may have NaN gradients (0/0); its weight is 0, and so
         # must its gradient be.
         dlogits = torch.where(cotangent != 0, dlogits, 0)
     dbias = dlogits.sum(0, dtype=cotangent.dtype) if want_bias else None
-    return value, aux, dlogits, dbias
+    logits.copy_(dlogits)
+    return value, aux, dbias
 
 
 def _check_value(plan, value, rows):
