@@ -213,6 +213,8 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
             # one (C, V) buffer: the logits, then (written by the step, in place) their gradient
             logits = policy.linear(hidden_c, weight, bias)
             step = policy.chunk_function(_chunk_step, compiled, end - start)
+            if step is not _chunk_step:
+                policy.mark_rows_dynamic(logits, *rows_c, cot)
             value, aux, dbias = step(plan.fn, kwargs, plan.row_keys, logits, rows_c, cot, want_b)
             _check_value(plan, value, end - start)
             out_dtype = value.dtype

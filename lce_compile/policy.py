@@ -121,6 +121,14 @@ def chunk_function(step, compiled: bool, rows: int):
     return _compiled(step)
 
 
+def mark_rows_dynamic(*tensors) -> None:
+    """Compile the chunk step for any number of rows at once: chunk sizes change with N (near-equal
+    chunks, and the last call's sizes), and a static first compile would be followed by a second."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
 def compile_context(compiled: bool):
     # Each (loss function, options, dtype) combination is one cache entry of the chunk step; raise the
     # per-function limit for our call only, so that several losses in one program stay compiled.

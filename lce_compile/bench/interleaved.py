@@ -17,8 +17,11 @@ from .methods import METHODS
 from .run import parse_shapes
 
 
-def ratios(shape, methods, rounds, device="cpu", dtype=torch.float32):
-    """{method: [time / baseline time, one per round]}; methods[0] is the baseline."""
+def ratios(shape, methods, rounds, device="cpu", dtype=torch.float32, forward=False):
+    """{method: [time / baseline time, one per round]}; methods[0] is the baseline.
+
+    forward: time the forward pass alone, under ``torch.no_grad()``, instead of forward + backward.
+    """
     hidden, weight, targets = make_inputs(*shape, dtype, torch.device(device))
     hidden.requires_grad_(), weight.requires_grad_()
     fns = {name: METHODS[name].make() for name in methods}
@@ -27,12 +30,17 @@ def ratios(shape, methods, rounds, device="cpu", dtype=torch.float32):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step(fn, hidden, weight, targets)
+        if forward:
+            with torch.no_grad():
+                fn(hidden, weight, targets)
+        else:
+            step(fn, hidden, weight, targets)
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
     for fn in fns.values():  # full-size warm-up: compilation stays out of the rounds
+        timed(fn)
         timed(fn)
     out = {name: [] for name in methods[1:]}
     for _ in range(rounds):
@@ -48,11 +56,16 @@ def main(argv=None):
     parser.add_argument("--shapes", action="append", default=None, help="as in python -m lce_compile.bench")
     parser.add_argument("--methods", default="eager,fused", help="comma list; the first is the baseline")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--forward", action="store_true", help="time the forward pass alone (no_grad)")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
-    print(f"torch {torch.__version__}, {args.device}, fp32, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    print(f"torch {torch.__version__}, {device_name}, {args.dtype}, {'forward only' if args.forward else 'fwd+bwd'}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     for name, shape in parse_shapes(args.shapes or ["cpu-small,cpu-large"]):
-        for method, values in ratios(shape, methods, args.rounds, args.device).items():
+        found = ratios(shape, methods, args.rounds, args.device, getattr(torch, args.dtype), args.forward)
+        for method, values in found.items():
             print(f"{name}: {method} / {methods[0]} = {statistics.median(values):.2f} (median of "
                   f"{len(values)} rounds: {', '.join(f'{v:.2f}' for v in values)})", flush=True)
 

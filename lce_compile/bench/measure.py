@@ -14,7 +14,8 @@ import torch
 
 from .methods import METHODS, REFERENCES
 
-ERROR_ROWS = 512   # tokens the errors are measured on: an fp64 reference at full N is slow on CPU
+ERROR_ROWS = 512   # CPU: tokens the errors are measured on; an fp64 reference at full N is slow there
+REFERENCE_ROWS = 4096  # CUDA: errors on all N tokens, vs an fp32 reference computed this many rows at a time
 WARMUP_ROWS = 8    # a tiny step loads library code and does lazy init before anything is measured
 _M_MMAP_THRESHOLD = -3  # mallopt parameter, from glibc's malloc.h
 
@@ -117,48 +118,88 @@ def _proc_status_kib(field):
 
 
 def _cuda(task):
-    """CUDA: peak allocated memory of one step above the inputs, then the median of timed steps."""
+    """CUDA: the first step (compilation included), peak allocated memory of one step above the inputs,
+    the median of timed steps; then the same for the forward pass alone, under ``torch.no_grad()``."""
     device, hidden, weight, targets = _setup(task)
     method = METHODS[task["method"]]
     fn = method.make()
-    _warm_up(fn, method, hidden, weight, targets, full_runs=task["warmup"])
+    # no tiny warm-up: a compiled method would compile for it and again (with dynamic shapes) for N
     torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
     step(fn, hidden, weight, targets)
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    times = []
-    for _ in range(task["repeat"]):
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step(fn, hidden, weight, targets)
-        torch.cuda.synchronize(device)  # wall time of a whole step, as a training loop sees it
-        times.append(time.perf_counter() - start)
-    return {"peak_bytes": peak, "time_s": statistics.median(times), "times_s": times,
+    first_call = time.perf_counter() - start
+    _warm_up(fn, method, hidden, weight, targets, full_runs=task["warmup"] - 1)
+    peak, times = _cuda_timed(lambda: step(fn, hidden, weight, targets), device, task["repeat"])
+    with torch.no_grad():
+        for _ in range(2):
+            fn(hidden, weight, targets)
+        forward_peak, forward_times = _cuda_timed(lambda: fn(hidden, weight, targets), device, task["repeat"])
+    return {"peak_bytes": peak, "time_s": statistics.median(times), "times_s": times, "first_call_s": first_call,
+            "forward_peak_bytes": forward_peak, "forward_time_s": statistics.median(forward_times),
             "device_name": torch.cuda.get_device_name(device)}
 
 
-def _errors(task):
-    """Relative errors of every method vs an fp64 reference, on the first ERROR_ROWS tokens.
+def _cuda_timed(run, device, repeat):
+    """(peak allocated bytes of one call above what was allocated before it, [wall time of ``repeat`` calls])."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize(device)  # wall time of a whole step, as a training loop sees it
+        times.append(time.perf_counter() - start)
+    return peak, times
 
-    All methods share one process: errors need no isolation, and the fp64 reference is the
-    expensive part (seconds on CPU), so it is computed once per shape.
+
+def _errors(task):
+    """Relative errors of every method vs a high-precision reference.
+
+    CPU: on the first ERROR_ROWS tokens, vs fp64. CUDA: on all tokens (so the chunks are the same as in
+    the timed run), vs fp32 without TF32, computed REFERENCE_ROWS rows at a time (fp32 gradient sums).
+    All methods share one process: the reference is the expensive part, computed once per loss.
     """
-    _, hidden, weight, targets = _setup(task)
-    hidden, targets = hidden[:ERROR_ROWS], targets[:ERROR_ROWS]
-    golds, out = {}, {}  # golds: loss name -> fp64 (loss, grad_hidden, grad_weight)
+    device, hidden, weight, targets = _setup(task)
+    if device.type != "cuda":
+        hidden, targets = hidden[:ERROR_ROWS], targets[:ERROR_ROWS]
+    golds, out = {}, {}  # golds: loss name -> (loss, grad_hidden, grad_weight)
     for name in task["methods"]:
         method = METHODS[name]
         try:
             if method.loss not in golds:
-                golds[method.loss] = _loss_and_grads(REFERENCES[method.loss], hidden.double(), weight.double(),
-                                                     targets)
+                golds[method.loss] = _reference(REFERENCES[method.loss], hidden, weight, targets)
             got = _loss_and_grads(method.make(), hidden, weight, targets)
             out[name] = {f"err_{key}": _relative_error(g, r) for key, g, r in zip(_KEYS, got, golds[method.loss])}
+            del got
         except Exception as exc:  # one failing method keeps the others' errors
             out[name] = {"error": describe(exc)}
     return {"errors": out}
+
+
+def _reference(fn, hidden, weight, targets):
+    if hidden.device.type != "cuda":
+        return _loss_and_grads(fn, hidden.double(), weight.double(), targets)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        hidden32 = hidden.detach().float().requires_grad_()
+        weight32 = weight.detach().float().requires_grad_()
+        kept = (targets != -100).sum()
+        total = 0.0
+        for start in range(0, hidden.shape[0], REFERENCE_ROWS):
+            rows = slice(start, start + REFERENCE_ROWS)
+            loss = fn(hidden32[rows], weight32, targets[rows], reduction="sum") / kept
+            loss.backward()  # weight32.grad sums the chunks in fp32
+            total = total + loss.detach()
+        return total, hidden32.grad, weight32.grad
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 _KEYS = ("loss", "grad_hidden", "grad_weight")

@@ -23,15 +23,27 @@ def unfused_cross_entropy(hidden, weight, targets):
     return F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=IGNORE_INDEX)
 
 
-def _reference_cross_entropy(hidden, weight, targets):
+SOFTCAP, Z_LOSS = 30.0, 1e-4  # the fused_softcap method's settings (Gemma-2 caps its logits at 30)
+
+
+def _reference_cross_entropy(hidden, weight, targets, reduction="mean", softcap=None, z_loss=0.0):
     # Promote rather than .float(), so that fp64 inputs give an fp64 reference.
     logits = hidden @ weight.T
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    if z_loss:
+        loss = loss + z_loss * logits.logsumexp(-1).square() * (targets != IGNORE_INDEX)
+    return loss.sum() / (targets != IGNORE_INDEX).sum() if reduction == "mean" else loss.sum()
 
 
-# loss name -> fn(hidden, weight, targets) evaluated in fp64 as the error reference
-REFERENCES = {"cross_entropy": _reference_cross_entropy}
+# loss name -> fn(hidden, weight, targets, reduction="mean" | "sum"), evaluated in fp64 (CPU) or fp32 in
+# row chunks (CUDA) as the error reference. "sum" lets the reference run in chunks: mean = sum / kept.
+REFERENCES = {
+    "cross_entropy": _reference_cross_entropy,
+    "cross_entropy_softcap": functools.partial(_reference_cross_entropy, softcap=SOFTCAP, z_loss=Z_LOSS),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +91,17 @@ def _make_fused():
     return functools.partial(linear_cross_entropy, ignore_index=IGNORE_INDEX)
 
 
+def _make_fused_lean():
+    from lce_compile import FusedOptions, linear_cross_entropy
+    return functools.partial(linear_cross_entropy, ignore_index=IGNORE_INDEX,
+                             options=FusedOptions(chunk_memory=0.1))
+
+
+def _make_fused_softcap():
+    from lce_compile import linear_cross_entropy
+    return functools.partial(linear_cross_entropy, ignore_index=IGNORE_INDEX, softcap=SOFTCAP, z_loss=Z_LOSS)
+
+
 def _make_fused_generic():
     # F.cross_entropy is one of fused_loss's known functions: its "mean" is PyTorch's global mean.
     from lce_compile import fused_loss
@@ -112,7 +135,11 @@ METHODS = {
     "compile": Method(_make_compile, "torch.compile of the unfused code", default_on=("cuda",), compiles=True),
     # lce_compile compiles its chunk functions on CUDA, and on the CPU for large calls
     "fused": Method(_make_fused, "lce_compile.linear_cross_entropy, default options", compiles=True),
-    "fused_generic": Method(_make_fused_generic, "lce_compile.fused_loss(F.cross_entropy)", default_on=(),
+    "fused_lean": Method(_make_fused_lean, "lce_compile.linear_cross_entropy, FusedOptions(chunk_memory=0.1)",
+                         default_on=("cuda",), compiles=True),
+    "fused_softcap": Method(_make_fused_softcap, f"lce_compile.linear_cross_entropy, softcap={SOFTCAP}, "
+                            f"z_loss={Z_LOSS}", default_on=(), compiles=True, loss="cross_entropy_softcap"),
+    "fused_generic": Method(_make_fused_generic, "lce_compile.fused_loss(F.cross_entropy)", default_on=("cuda",),
                             compiles=True),
     # opt-in on the CPU, where one cpu-large step takes as long as eager's: the default run stays < 2 min
     "torch_lce": Method(_make_torch_lce, "F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())",

@@ -5,10 +5,12 @@ import sys
 
 MIB = 1 << 20
 COLUMNS = ("method", "time", "x {base}", "peak MiB", "x floor", "err loss", "err grad_h", "err grad_w")
+# CUDA runs also time the forward pass alone (no_grad) and the first call (compilation included)
+FORWARD_COLUMNS = ("fwd", "fwd x {base}", "fwd MiB", "1st call")
 
 
 def progress_line(r: dict) -> str:
-    line = (f"[{r['shape']}] {r['method']}: {_time(r.get('time_s'))}, peak {_mib(r.get('peak_bytes'))} MiB "
+    line = (f"[{r['shape']} N={r['N']}] {r['method']}: {_time(r.get('time_s'))}, peak {_mib(r.get('peak_bytes'))} MiB "
             f"({_ratio(r.get('peak_bytes'), r['floor_bytes'])} x floor), err loss/grad_h/grad_w "
             f"{_err(r.get('err_loss'))}/{_err(r.get('err_grad_hidden'))}/{_err(r.get('err_grad_weight'))}")
     return line + (f"  ERROR {r['error']}" if "error" in r else "")
@@ -21,8 +23,8 @@ def tables(meta: dict, results: list) -> str:
            f"| torch {meta['torch']} | {meta['dtype']} | {meta['date_utc']}"]
     for name, reason in meta["skipped"].items():
         out.append(f"skipped {name}: {reason}")
-    for shape in dict.fromkeys(r["shape"] for r in results):
-        out += [""] + _shape_table([r for r in results if r["shape"] == shape])
+    for shape, n in dict.fromkeys((r["shape"], r["N"]) for r in results):
+        out += [""] + _shape_table([r for r in results if r["shape"] == shape and r["N"] == n])
     return "\n".join(out)
 
 
@@ -31,12 +33,18 @@ def _shape_table(rows: list) -> list:
     base = _baseline(rows)
     lines = [f"{first['shape']}: N={first['N']} D={first['D']} V={first['V']}, "
              f"floor (grad_hidden + grad_weight) {_mib(first['floor_bytes'])} MiB"]
-    cells = [[c.format(base=base["method"] if base else "eager") for c in COLUMNS]]
+    forward = any("forward_time_s" in r for r in rows)
+    columns = COLUMNS + (FORWARD_COLUMNS if forward else ())
+    cells = [[c.format(base=base["method"] if base else "eager") for c in columns]]
     for r in rows:
         cells.append([r["method"], _time(r.get("time_s")), _ratio(r.get("time_s"), base and base.get("time_s")),
                       _mib(r.get("peak_bytes")), _ratio(r.get("peak_bytes"), r["floor_bytes"]),
                       _err(r.get("err_loss")), _err(r.get("err_grad_hidden")), _err(r.get("err_grad_weight"))])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+        if forward:
+            cells[-1] += [_time(r.get("forward_time_s")),
+                          _ratio(r.get("forward_time_s"), base and base.get("forward_time_s")),
+                          _mib(r.get("forward_peak_bytes")), _time(r.get("first_call_s"))]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     for row in cells:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     for r in rows:
@@ -75,7 +83,8 @@ def _err(value):
 
 
 def plot(results: list, path: str, meta: dict) -> None:
-    """Two panels, time and peak memory: one group of bars per shape, one bar per method."""
+    """Time and peak memory against the number of tokens: one column of panels per head (D, V), one line
+    per method, and the gradients' floor dashed. A head run at a single N shows single points."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only; never needs a display
@@ -84,25 +93,30 @@ def plot(results: list, path: str, meta: dict) -> None:
         print(f"--plot {path}: matplotlib is not installed (pip install matplotlib); no plot written.",
               file=sys.stderr)
         return
-    shapes = list(dict.fromkeys(r["shape"] for r in results))
+    names = {}  # (D, V) -> the first shape name: shapes that differ only in N share a column
+    for r in results:
+        names.setdefault((r["D"], r["V"]), r["shape"])
+    heads = [(name, d, v) for (d, v), name in names.items()]
     methods = list(dict.fromkeys(r["method"] for r in results))
-    by_key = {(r["shape"], r["method"]): r for r in results}
-    fig, axes = plt.subplots(1, 2, figsize=(6 + 1.5 * len(shapes), 4.5))
-    width = 0.8 / max(len(methods), 1)
-    for ax, key, scale, label in ((axes[0], "time_s", 1.0, "time per step (s)"),
-                                  (axes[1], "peak_bytes", 1 / MIB, "peak memory (MiB)")):
-        for k, method in enumerate(methods):
-            values = [by_key.get((s, method), {}).get(key) for s in shapes]
-            xs = [i + (k - (len(methods) - 1) / 2) * width for i in range(len(shapes))]
-            ax.bar(xs, [0 if v is None else v * scale for v in values], width, label=method)
-        ax.set_xticks(range(len(shapes)), shapes, rotation=20)
-        ax.set_ylabel(label)
-    for i, s in enumerate(shapes):  # the gradients' floor: the least any method can use
-        floor = next(r["floor_bytes"] for r in results if r["shape"] == s) / MIB
-        axes[1].hlines(floor, i - 0.45, i + 0.45, colors="black", linestyles="dashed",
-                       label="floor" if i == 0 else None)
-    axes[1].legend(fontsize="small")
-    fig.suptitle(f"{meta['device_name']}, {meta['dtype']}, torch {meta['torch']}", fontsize="medium")
+    fig, axes = plt.subplots(2, len(heads), figsize=(1 + 4.2 * len(heads), 7.5), squeeze=False)
+    for col, (shape, d, v) in enumerate(heads):
+        rows = sorted((r for r in results if (r["D"], r["V"]) == (d, v)), key=lambda r: r["N"])
+        for ax, key, scale, label in ((axes[0][col], "time_s", 1e3, "fwd+bwd time (ms)"),
+                                      (axes[1][col], "peak_bytes", 1 / MIB, "peak memory above inputs (MiB)")):
+            for method in methods:
+                points = [(r["N"], r[key] * scale) for r in rows if r["method"] == method and r.get(key)]
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=method)
+            ax.set_ylabel(label)
+            ax.set_xlabel("tokens N")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+        floors = sorted({(r["N"], r["floor_bytes"] / MIB) for r in rows})
+        axes[1][col].plot(*zip(*floors), "k--", label="floor (gradients)")
+        axes[0][col].set_title(f"{shape}: D={d}, V={v}", fontsize="medium")
+    axes[1][0].legend(fontsize="small")
+    fig.suptitle(f"{meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, {meta['date_utc']}",
+                 fontsize="medium")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     print(f"wrote {path}", file=sys.stderr)

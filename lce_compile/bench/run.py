@@ -50,6 +50,9 @@ def parse_args(argv=None):
                         help="comma-separated method names, or 'all'. Default: "
                              + "; ".join(f"{','.join(parse_methods(None, dev))} on {dev}" for dev in DEFAULT_DTYPE)
                              + ". Unavailable ones are skipped with a note")
+    parser.add_argument("--tokens", metavar="LIST",
+                        help="comma-separated token counts N: run every shape at each of them (the plot then "
+                             "shows time and memory against N)")
     parser.add_argument("--repeat", type=int, help="timed steps, median reported. Default: 10 on cuda; on cpu 1, "
                         "and more while the steps so far took < 6 s (at most 9)")
     parser.add_argument("--json", default="bench_results.json", metavar="PATH",
@@ -66,6 +69,8 @@ def parse_args(argv=None):
     args.repeat = args.repeat or DEFAULT_REPEAT[args.device]
     try:
         args.shapes = parse_shapes(args.shapes or DEFAULT_SHAPES[args.device])
+        if args.tokens:
+            args.shapes = with_tokens(args.shapes, args.tokens)
         args.methods = parse_methods(args.methods, args.device)
     except ValueError as error:
         parser.error(str(error))
@@ -96,6 +101,17 @@ def parse_shapes(values):
     return shapes
 
 
+def with_tokens(shapes, tokens: str):
+    """Each (name, (N, D, V)) at every N of ``tokens`` ('2048,8192'); shapes that differ only in N merge."""
+    counts = [int(t) for t in tokens.split(",") if t]
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--tokens: positive integers, got {tokens!r}.")
+    heads = {}  # (D, V) -> the first name given for it
+    for name, (_, d, v) in shapes:
+        heads.setdefault((d, v), name)
+    return [(name, (n, d, v)) for (d, v), name in heads.items() for n in counts]
+
+
 def parse_methods(value, device):
     if value is None:
         return [name for name, m in METHODS.items() if device in m.default_on]
@@ -121,10 +137,10 @@ def main(argv=None):
     results = []
     for shape_name, shape in args.shapes:
         results += bench_shape(shape_name, shape, methods, args, say)
-    meta["device_name"] = next((r["device_name"] for r in results if "device_name" in r), meta["device_name"])
+        meta["device_name"] = next((r["device_name"] for r in results if "device_name" in r), meta["device_name"])
+        with open(args.json, "w") as f:  # after every shape: a long run that is stopped keeps what it measured
+            json.dump({"meta": meta, "results": results}, f, indent=1)
     print(report.tables(meta, results), flush=True)
-    with open(args.json, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
     print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         report.plot(results, args.plot, meta)
@@ -135,7 +151,9 @@ def bench_shape(shape_name, shape, methods, args, say):
     """One record per method: time, peak memory, floor, errors; each measured in fresh processes."""
     n, d, v = shape
     base = {"device": args.device, "dtype": args.dtype, "shape": shape, "seed": args.seed}
-    say(f"[{shape_name}] fp64 reference and errors on the first {min(n, measure.ERROR_ROWS)} tokens ...")
+    where = (f"fp64 reference, errors on the first {min(n, measure.ERROR_ROWS)} tokens" if args.device == "cpu"
+             else "fp32 reference, errors on all tokens")
+    say(f"[{shape_name} N={n}] {where} ...")
     errors = isolated(dict(base, task="errors", methods=methods))
     # Floor: no method can need less than the two gradients it returns.
     floor = (n * d + v * d) * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
@@ -202,7 +220,7 @@ def _metadata(args):
         "device": args.device, "device_name": _cpu_name() if args.device == "cpu" else "cuda",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "lce_compile": _version(), "dtype": args.dtype, "repeat": args.repeat, "warmup": WARMUP[args.device],
-        "error_rows": measure.ERROR_ROWS, "seed": args.seed, "argv": sys.argv[1:], "skipped": {},
+        "error_rows": measure.ERROR_ROWS if args.device == "cpu" else "all", "seed": args.seed, "argv": sys.argv[1:], "skipped": {},
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
