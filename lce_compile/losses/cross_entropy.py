@@ -47,11 +47,24 @@ def _ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smo
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    weight = None if class_weight is None else class_weight.to(z.dtype)  # F.cross_entropy wants one dtype
-    loss = F.cross_entropy(z, targets, weight=weight, ignore_index=ignore_index, reduction="none",
-                           label_smoothing=label_smoothing)
     kept = targets != ignore_index
-    lse = torch.logsumexp(z, dim=-1) if z_loss or "lse" in aux_keys else None
+    lse = None
+    if class_weight is None and not label_smoothing:
+        # lse - z[target], with one logsumexp that z-loss and the lse statistic share. The target logit is
+        # a masked sum rather than a gather: it fuses into the same pass over the vocabulary, and its
+        # gradient is elementwise (a gather's is a scatter into a (C, V) buffer).
+        lse = torch.logsumexp(z, dim=-1)
+        columns = torch.arange(z.shape[-1], device=z.device)
+        picked = torch.where(columns == targets.unsqueeze(-1), z, 0.0).sum(-1)
+        # unchecked (validate=False) out-of-range targets: NaN, never a plausible number
+        in_range = (targets >= 0) & (targets < z.shape[-1])
+        loss = torch.where(kept, torch.where(in_range, lse - picked, float("nan")), 0.0)
+    else:
+        weight = None if class_weight is None else class_weight.to(z.dtype)  # F.cross_entropy wants one dtype
+        loss = F.cross_entropy(z, targets, weight=weight, ignore_index=ignore_index, reduction="none",
+                               label_smoothing=label_smoothing)
+    if lse is None and (z_loss or "lse" in aux_keys):
+        lse = torch.logsumexp(z, dim=-1)
     if z_loss:
         loss = loss + z_loss * lse.square() * kept
     if not aux_keys:
