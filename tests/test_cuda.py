@@ -129,14 +129,18 @@ def test_compiles_stay_bounded_when_tokens_change_every_step():
 
 def test_inside_user_compile_fullgraph_and_no_syncs():
     hidden, weight, targets = _cuda(*make_inputs(3000, 256, 8191, torch.bfloat16, seed=4))
-    loss_fn = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, softcap=30.0), fullgraph=True)
+    opts = FusedOptions(chunk_size=1024)  # 4 chunks
+    loss_fn = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, softcap=30.0, options=opts),
+                            fullgraph=True)
     gold = run(unfused_cross_entropy, hidden, weight, targets, torch.float64, softcap=30.0)
     ref = run(unfused_cross_entropy, hidden, weight, targets, softcap=30.0)
     got = run(loss_fn, hidden, weight, targets)
-    for name, g, r, o in zip(("loss", "grad_hidden", "grad_weight"), gold, ref, got):
+    # the weight gradient is summed across the 4 chunks in bf16, as on the eager CUDA path (4 roundings
+    # instead of 1: docs/benchmarks.md); the loss and grad_hidden have no sums across chunks in bf16
+    for name, g, r, o, factor in zip(("loss", "grad_hidden", "grad_weight"), gold, ref, got, (1.1, 1.1, 1.25)):
         err, ref_err = (o.double() - g).abs().mean(), (r.double() - g).abs().mean()
         noise = 16 * torch.finfo(torch.float32).eps * g.abs().mean()
-        assert err <= 1.1 * ref_err + noise, f"{name}: {err:.2e} > 1.1 x unfused {ref_err:.2e}"
+        assert err <= factor * ref_err + noise, f"{name}: {err:.2e} > {factor} x unfused {ref_err:.2e}"
     opts = FusedOptions(validate=False)
     run(lambda h, w, t: linear_cross_entropy(h, w, t, options=opts), hidden, weight, targets)  # warm up
     torch.cuda.set_sync_debug_mode("error")
