@@ -18,33 +18,50 @@ def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
 
-def check_head(name: str, hidden, weight, bias=None) -> None:
-    """hidden (..., D), weight (V, D), bias (V,) or None: types, shapes, dtypes, devices."""
-    for arg, value in (("hidden", hidden), ("weight", weight)):
+def check_head(name: str, hidden, weight, bias=None, prefix: str = "") -> None:
+    """hidden (..., D), weight (V, D), bias (V,) or None: types, shapes, dtypes, devices.
+
+    ``prefix`` names the head in messages, e.g. ``"teacher_"`` for teacher_hidden / teacher_weight.
+    """
+    h, w, b = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    for arg, value in ((h, hidden), (w, weight)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}: {arg} must be a Tensor, got {type(value).__name__}.")
         if value.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name}: {arg} must be float32, bfloat16 or float16, got {value.dtype}.")
     if hidden.dim() < 1:
-        raise ValueError(f"{name}: hidden must have shape (..., D), got a 0-d tensor.")
+        raise ValueError(f"{name}: {h} must have shape (..., D), got a 0-d tensor.")
     if weight.dim() != 2:
-        raise ValueError(f"{name}: weight must have shape (V, D), got {_shape(weight)}.")
+        raise ValueError(f"{name}: {w} must have shape (V, D), got {_shape(weight)}.")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"{name}: hidden's last dimension must equal weight's D = {weight.shape[1]} "
-            f"(weight is (V, D) = {_shape(weight)}), got hidden {_shape(hidden)}."
+            f"{name}: {h}'s last dimension must equal {w}'s D = {weight.shape[1]} "
+            f"({w} is (V, D) = {_shape(weight)}), got {h} {_shape(hidden)}."
         )
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"{name}: hidden and weight must have one dtype, got {hidden.dtype} and {weight.dtype}.")
-    check_device(name, "weight", weight, hidden)
+        raise TypeError(f"{name}: {h} and {w} must have one dtype, got {hidden.dtype} and {weight.dtype}.")
+    check_device(name, w, weight, hidden)
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"{name}: bias must be a Tensor or None, got {type(bias).__name__}.")
+            raise TypeError(f"{name}: {b} must be a Tensor or None, got {type(bias).__name__}.")
         if _shape(bias) != (weight.shape[0],):
-            raise ValueError(f"{name}: bias must have shape (V,) = ({weight.shape[0]},), got {_shape(bias)}.")
+            raise ValueError(f"{name}: {b} must have shape (V,) = ({weight.shape[0]},), got {_shape(bias)}.")
         if bias.dtype != weight.dtype:
-            raise TypeError(f"{name}: bias must have weight's dtype {weight.dtype}, got {bias.dtype}.")
-        check_device(name, "bias", bias, hidden)
+            raise TypeError(f"{name}: {b} must have {w}'s dtype {weight.dtype}, got {bias.dtype}.")
+        check_device(name, b, bias, hidden)
+
+
+def check_teacher(name: str, student_hidden, student_weight, teacher_hidden, teacher_weight) -> None:
+    """A frozen second head: the student's tokens (leading shape), vocabulary and device."""
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"{name}: teacher_hidden must have student_hidden's leading shape {_shape(student_hidden)[:-1]} "
+            f"(one teacher row per token), got {_shape(teacher_hidden)}.")
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(
+            f"{name}: teacher_weight must have the student's vocabulary V = {student_weight.shape[0]}, "
+            f"got {_shape(teacher_weight)}.")
+    check_device(name, "teacher_hidden", teacher_hidden, student_hidden)
 
 
 def check_device(name: str, arg: str, tensor: torch.Tensor, hidden: torch.Tensor) -> None:

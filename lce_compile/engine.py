@@ -8,7 +8,7 @@ chunk right away (gradient-in-forward), so no ``(N, V)`` tensor ever exists.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch.func import grad_and_value
@@ -31,6 +31,38 @@ class Plan:
     tensor_keys: tuple = ()   # fn's tensor keyword arguments, passed to apply() positionally
     row_keys: tuple = ()      # keyword names of the last row inputs (split by rows like the others)
     aux_keys: tuple = ()      # names of per-row outputs fn returns beside its values
+
+
+class Head(NamedTuple):
+    """A frozen second output layer as a row input: the row function receives its ``(C, V)`` logits,
+    ``hidden[rows] @ weight.T (+ bias)``, computed chunk by chunk like the main logits and never differentiated
+    (a distillation teacher). Its hidden size may differ from the main head's."""
+
+    hidden: torch.Tensor            # (..., D') with the main hidden's leading shape
+    weight: torch.Tensor            # (V', D')
+    bias: Optional[torch.Tensor] = None
+
+    def rows(self, start, end) -> "Head":
+        return Head(self.hidden[start:end], self.weight, self.bias)
+
+    def logits(self) -> torch.Tensor:
+        with torch.no_grad():
+            return policy.linear(self.hidden.detach(), self.weight.detach(),
+                                 None if self.bias is None else self.bias.detach())
+
+
+def _rows(row_inputs, start, end):
+    return tuple(r.rows(start, end) if isinstance(r, Head) else r[start:end] for r in row_inputs)
+
+
+def _materialize(row_inputs):
+    """Frozen heads' chunk logits in place of the heads (one matmul each, outside the compiled step)."""
+    return tuple(r.logits() if isinstance(r, Head) else r for r in row_inputs)
+
+
+def _buffers(row_inputs) -> int:
+    """(C, V) buffers a chunk holds: the main logits and one per frozen head."""
+    return 1 + sum(isinstance(r, Head) for r in row_inputs)
 
 
 def accumulation_dtype(hidden) -> torch.dtype:
@@ -56,7 +88,8 @@ def fused_call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), r
     lead, dim = hidden.shape[:-1], hidden.shape[-1]
     hidden = hidden.reshape(-1, dim)
     n = hidden.shape[0]
-    row_inputs = tuple(r.reshape(n, *r.shape[len(lead):]) for r in row_inputs)
+    row_inputs = tuple(Head(r.hidden.reshape(n, r.hidden.shape[-1]), r.weight, r.bias) if isinstance(r, Head)
+                       else r.reshape(n, *r.shape[len(lead):]) for r in row_inputs)
     acc = accumulation_dtype(hidden)
     if plan.returns == "mean" and row_weight is None:
         row_weight = hidden.new_ones(n, dtype=acc)
@@ -93,7 +126,8 @@ class _FusedLinearLoss(torch.autograd.Function):
         if plan.reduction == "none":
             # The upstream gradient is per row and unknown until backward: recompute the chunks there.
             out = _forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
-            ctx.save_for_backward(hidden, weight, bias, *tensors)
+            ctx.heads = {i: t for i, t in enumerate(tensors) if isinstance(t, Head)}  # not tensors: kept as is
+            ctx.save_for_backward(hidden, weight, bias, *(None if i in ctx.heads else t for i, t in enumerate(tensors)))
         else:
             if plan.reduction == "mean":
                 scale = _mean_scale(denom)
@@ -112,6 +146,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         plan, needs = ctx.plan, ctx.needs
         if plan.reduction == "none":
             hidden, weight, bias, *tensors = ctx.saved_tensors
+            tensors = [ctx.heads.get(i, t) for i, t in enumerate(tensors)]
             row_inputs, tensor_kwargs = tensors[: ctx.n_rows], tensors[ctx.n_rows:]
             cotangent = grad_value.to(accumulation_dtype(hidden))
             _, _, grads = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
@@ -141,9 +176,9 @@ def _traced_forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_w
     """The values of ``_chunk_loop``, differentiable, for tracing by torch.compile."""
     kwargs = dict(plan.kwargs, **dict(zip(plan.tensor_keys, tensor_kwargs)))
     total, pieces, aux_pieces = hidden.new_zeros((), dtype=accumulation_dtype(hidden)), [], []
-    chunk = policy.chunk_rows(weight, hidden.shape[1], hidden.device, plan.options)
+    chunk = policy.chunk_rows(weight, hidden.shape[1], hidden.device, plan.options, _buffers(row_inputs))
     for start, end in policy.chunk_bounds(hidden.shape[0], chunk):
-        rows_c = tuple(r[start:end] for r in row_inputs)
+        rows_c = _rows(row_inputs, start, end)  # frozen heads' logits are computed (and recomputed) inside
         value, aux = checkpoint(_chunk_values, plan.fn, kwargs, plan.row_keys, hidden[start:end], weight, bias,
                                 rows_c, use_reentrant=False)
         _check_value(plan, value, end - start)
@@ -156,7 +191,7 @@ def _traced_forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_w
 
 
 def _chunk_values(fn, kwargs, row_keys, hidden, weight, bias, row_inputs):
-    return _apply(fn, kwargs, row_keys, policy.linear(hidden, weight, bias), row_inputs)
+    return _apply(fn, kwargs, row_keys, policy.linear(hidden, weight, bias), _materialize(row_inputs))
 
 
 def _apply(fn, kwargs, row_keys, logits, row_inputs):
@@ -200,11 +235,11 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if want_b else None
     total = hidden.new_zeros((), dtype=acc)
     pieces, aux_pieces, out_dtype = [], [[] for _ in plan.aux_keys], None
-    chunk = policy.chunk_rows(weight, hidden.shape[1], hidden.device, plan.options)
+    chunk = policy.chunk_rows(weight, hidden.shape[1], hidden.device, plan.options, _buffers(row_inputs))
     compiled = policy.wants_compile(hidden.device, plan.options, n * vocab)
     with policy.compile_context(compiled):
         for k, (start, end) in enumerate(policy.chunk_bounds(n, chunk)):
-            hidden_c, rows_c = hidden[start:end], tuple(r[start:end] for r in row_inputs)
+            hidden_c, rows_c = hidden[start:end], _materialize(_rows(row_inputs, start, end))
             cot = cotangent if cotangent is None or cotangent.dim() == 0 else cotangent[start:end]
             chunk_weight = None
             if plan.returns == "mean":  # fn returns a mean over the chunk: weight it by the chunk's share
