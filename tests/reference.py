@@ -51,3 +51,42 @@ def run(loss_fn, hidden, weight, targets, dtype=None, /, *, bias=None, upstream=
     out.backward()
     grads = (h.grad, w.grad) + (() if b is None else (b.grad,))
     return (loss.detach(), *grads)
+
+
+def unfused_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, targets=None, *, kind="forward_kl",
+               beta=0.5, temperature=1.0, temperature_squared=False, ignore_index=-100, hard_weight=0.0,
+               reduction="mean", student_bias=None, teacher_bias=None):
+    """Distillation written from the formulas with full logits, in probability space where it can be."""
+    wide = torch.promote_types(student_hidden.dtype, torch.float32)
+    s = student_hidden @ student_weight.T
+    t = (teacher_hidden @ teacher_weight.T).detach()
+    if student_bias is not None:
+        s = s + student_bias
+    if teacher_bias is not None:
+        t = t + teacher_bias.detach()
+    s, t = s.to(wide).flatten(0, -2), t.to(wide).flatten(0, -2)
+    p_s, p_t = torch.softmax(s / temperature, -1), torch.softmax(t / temperature, -1)
+
+    def kl(p, q):  # KL(p || q) per row, F.kl_div(log q, p) summed over the vocabulary
+        return F.kl_div(q.log(), p, reduction="none").sum(-1)
+
+    if kind == "forward_kl":
+        soft = kl(p_t, p_s)
+    elif kind == "reverse_kl":
+        soft = kl(p_s, p_t)
+    else:
+        m = beta * p_t + (1 - beta) * p_s
+        soft = beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+    if temperature_squared:
+        soft = soft * temperature ** 2
+    loss = soft
+    kept = torch.ones(s.shape[0], dtype=torch.bool) if targets is None else targets.flatten() != ignore_index
+    if hard_weight:
+        hard = F.cross_entropy(s, targets.flatten(), ignore_index=ignore_index, reduction="none")
+        loss = (1 - hard_weight) * soft + hard_weight * hard
+    loss = torch.where(kept.to(loss.device), loss, 0.0)
+    if reduction == "none":
+        return loss.view(student_hidden.shape[:-1])
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / kept.sum()

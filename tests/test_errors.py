@@ -3,7 +3,7 @@ import expecttest
 import torch
 import torch.nn.functional as F
 
-from lce_compile import FusedOptions, LinearCrossEntropyLoss, fused_loss, linear_cross_entropy
+from lce_compile import FusedOptions, LinearCrossEntropyLoss, fused_loss, linear_cross_entropy, linear_kd_loss
 
 H, W, T = torch.randn(4, 8), torch.randn(11, 8), torch.randint(0, 11, (4,))
 
@@ -96,6 +96,25 @@ NotImplementedError: fused_loss(rows): mask requires grad; only hidden, weight a
         with self.assertRaises(IndexError):
             linear_cross_entropy(H, W, torch.tensor([0, 11, 2, 3]), label_smoothing=0.1,
                                  options=FusedOptions(validate=False))
+
+    def test_distillation_inputs(self):
+        teacher_h, teacher_w = torch.randn(4, 6), torch.randn(11, 6)
+        self.assertExpectedInline(_message(lambda: linear_kd_loss(H, W, teacher_h, torch.randn(12, 6))), """\
+ValueError: linear_kd_loss: teacher_weight must have the student's vocabulary V = 11, got (12, 6).""")
+        self.assertExpectedInline(_message(lambda: linear_kd_loss(H, W, teacher_h[:3], teacher_w)), """\
+ValueError: linear_kd_loss: teacher_hidden must have student_hidden's leading shape (4,) (one teacher row per token), got (3, 6).""")
+        self.assertExpectedInline(_message(lambda: linear_kd_loss(H, W, teacher_h, teacher_w.T)), """\
+ValueError: linear_kd_loss: teacher_hidden's last dimension must equal teacher_weight's D = 11 (teacher_weight is (V, D) = (6, 11)), got teacher_hidden (4, 6).""")
+        self.assertExpectedInline(_message(lambda: linear_kd_loss(H, W, teacher_h, teacher_w.long())), """\
+TypeError: linear_kd_loss: teacher_weight must be float32, bfloat16 or float16, got torch.int64.""")
+        self.assertExpectedInline(_message(lambda: linear_kd_loss(H, W, teacher_h, teacher_w, kind="kl")), """\
+ValueError: linear_kd_loss: kind must be one of 'forward_kl', 'reverse_kl', 'jsd', got 'kl'.""")
+        self.assertExpectedInline(_message(lambda: linear_kd_loss(H, W, teacher_h, teacher_w, hard_weight=0.5)), """\
+ValueError: linear_kd_loss: hard_weight=0.5 needs targets for its cross-entropy, got None.""")
+        self.assertExpectedInline(_message(lambda: linear_kd_loss(H, W, teacher_h, teacher_w, kind="jsd", beta=1.5)), """\
+ValueError: linear_kd_loss: beta must be in [0, 1], got 1.5.""")
+        self.assertExpectedInline(_message(lambda: linear_kd_loss(H, W, teacher_h, teacher_w, T[:3])), """\
+ValueError: linear_kd_loss: targets must have the leading shape of hidden (4,), got (3,).""")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,163 @@
+"""Fused knowledge distillation: forward KL, reverse KL and generalized JSD, with the teacher's head fused too."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import checks
+from ..engine import Head, Plan, fused_call
+from ..policy import DEFAULT_OPTIONS, FusedOptions
+
+_NAME = "linear_kd_loss"
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _kl(log_p, log_q):
+    """KL(p || q) per row, from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _kd_rows(logits, teacher_logits, targets=None, *, kind="forward_kl", beta=0.5, temperature=1.0,
+             temperature_squared=False, ignore_index=-100, hard_weight=0.0):
+    """One chunk: student and teacher logits (C, V) -> per-row loss (C,) in fp32; ignored rows give 0."""
+    student = logits.float()
+    log_s = F.log_softmax(student / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if kind == "forward_kl":
+        soft = _kl(log_t, log_s)
+    elif kind == "reverse_kl":
+        soft = _kl(log_s, log_t)
+    else:  # m = beta * p_teacher + (1 - beta) * p_student, in log space
+        log_beta = math.log(beta) if beta > 0 else -math.inf
+        log_rest = math.log1p(-beta) if beta < 1 else -math.inf
+        log_m = torch.logaddexp(log_t + log_beta, log_s + log_rest)
+        soft = beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+    if temperature_squared:
+        soft = soft * temperature ** 2
+    loss = soft
+    if hard_weight:
+        lse = torch.logsumexp(student, dim=-1)
+        columns = torch.arange(student.shape[-1], device=student.device)
+        picked = torch.where(columns == targets.unsqueeze(-1), student, 0.0).sum(-1)
+        in_range = (targets >= 0) & (targets < student.shape[-1])  # unchecked (validate=False): NaN
+        hard = torch.where(in_range, lse - picked, float("nan"))
+        loss = (1 - hard_weight) * soft + hard_weight * hard
+    if targets is None:
+        return loss
+    return torch.where(targets != ignore_index, loss, 0.0)
+
+
+def linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets=None, *,
+                   kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                   temperature_squared: bool = False, ignore_index: int = -100, hard_weight: float = 0.0,
+                   reduction: str = "mean", student_bias=None, teacher_bias=None,
+                   options: FusedOptions | None = None):
+    r"""Distillation loss between a student's and a teacher's output layers, without either's logits.
+
+    Same value and gradients, up to float rounding, as the unfused code::
+
+        s = (student_hidden @ student_weight.T + student_bias).float()    # (..., V); bias if given
+        t = (teacher_hidden @ teacher_weight.T + teacher_bias).float()    # (..., V), no gradient
+        log_s = F.log_softmax(s / temperature, -1)
+        log_t = F.log_softmax(t / temperature, -1)
+        kl = lambda log_p, log_q: (log_p.exp() * (log_p - log_q)).sum(-1)   # KL(p || q) per token
+        soft = kl(log_t, log_s)                                      # kind="forward_kl": KL(p_t || p_s)
+        soft = kl(log_s, log_t)                                      # kind="reverse_kl": KL(p_s || p_t)
+        log_m = torch.logaddexp(log_t + log(beta), log_s + log(1 - beta))  # kind="jsd": m = beta p_t + (1-beta) p_s
+        soft = beta * kl(log_t, log_m) + (1 - beta) * kl(log_s, log_m)
+        soft = soft * temperature ** 2                               # if temperature_squared
+        hard = F.cross_entropy(s, targets, reduction="none")         # at temperature 1
+        loss = (1 - hard_weight) * soft + hard_weight * hard         # per token; 0 where targets == ignore_index
+        # "mean": loss.sum() / (targets != ignore_index).sum()  (over all tokens when targets is None),
+        # "sum": loss.sum(), "none": loss.view(student_hidden.shape[:-1])
+
+    The JSD is the generalized one: ``beta = 0.5`` is the symmetric Jensen-Shannon divergence; at
+    ``beta = 0`` or ``1`` the mixture equals one of the two distributions and the loss is 0.
+
+    Only the student gets gradients. The teacher's logits are computed chunk by chunk like the student's,
+    under no gradient, and its inputs are never differentiated (no gradient work for the teacher).
+
+    Args:
+        student_hidden (Tensor): ``(..., D)`` the student's final hidden states.
+        student_weight (Tensor): ``(V, D)`` the student's output layer.
+        teacher_hidden (Tensor): ``(..., D_t)`` the teacher's, for the same tokens; ``D_t`` may differ from ``D``.
+        teacher_weight (Tensor): ``(V, D_t)`` the teacher's output layer, over the same vocabulary.
+        targets (Tensor, optional): ``(...)`` token ids: tokens equal to ``ignore_index`` contribute 0 and leave
+            the mean; needed for ``hard_weight > 0``. Default: every token counts.
+        kind (str): ``"forward_kl"`` | ``"reverse_kl"`` | ``"jsd"``. Default: ``"forward_kl"``.
+        beta (float): the JSD's teacher weight in the mixture, in ``[0, 1]``. Default: 0.5.
+        temperature (float): divides both logits of the soft loss. Default: 1.
+        temperature_squared (bool): multiply the soft loss by ``temperature ** 2`` (Hinton et al.), which keeps
+            its gradients' scale independent of the temperature. Default: ``False``.
+        ignore_index (int): as above. Default: -100.
+        hard_weight (float): weight in ``[0, 1]`` of the cross-entropy on ``targets`` (the soft loss gets
+            ``1 - hard_weight``). Default: 0.
+        reduction (str): ``"mean"`` | ``"sum"`` | ``"none"``. Default: ``"mean"``.
+        student_bias, teacher_bias (Tensor, optional): ``(V,)`` output-layer biases.
+        options (FusedOptions, optional): engine knobs; the chunk budget is shared by the two heads' logits.
+    Returns:
+        Tensor: an fp32 scalar, or the per-token losses in the tokens' shape for ``"none"``.
+    Memory: the student's gradients plus one ``(C, V)`` chunk of each head's logits; never ``(N, V)``.
+    """
+    options = options or DEFAULT_OPTIONS
+    checks.check_head(_NAME, student_hidden, student_weight, student_bias, prefix="student_")
+    checks.check_head(_NAME, teacher_hidden, teacher_weight, teacher_bias, prefix="teacher_")
+    checks.check_teacher(_NAME, student_hidden, student_weight, teacher_hidden, teacher_weight)
+    checks.check_reduction(_NAME, reduction)
+    _check_options(kind, beta, temperature, hard_weight, targets)
+    vocab = student_weight.shape[0]
+    row_inputs = (Head(teacher_hidden, teacher_weight, teacher_bias),)
+    row_weight = None
+    if targets is not None:
+        checks.check_targets(_NAME, targets, student_hidden, vocab, ignore_index, options.validate)
+        targets = targets.long()
+        row_inputs += (targets,)
+        row_weight = (targets != ignore_index).float()
+    static = {"kind": kind, "beta": beta, "temperature": temperature, "temperature_squared": temperature_squared,
+              "ignore_index": ignore_index, "hard_weight": hard_weight}
+    plan = Plan(_NAME, _kd_rows, "rows", reduction, static, options)
+    return fused_call(plan, student_hidden, student_weight, student_bias, row_inputs,
+                      row_weight=row_weight if reduction == "mean" else None)
+
+
+def _check_options(kind, beta, temperature, hard_weight, targets):
+    if kind not in KINDS:
+        raise ValueError(f"{_NAME}: kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}.")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"{_NAME}: beta must be in [0, 1], got {beta!r}.")
+    if not temperature > 0:
+        raise ValueError(f"{_NAME}: temperature must be > 0, got {temperature!r}.")
+    if not 0.0 <= hard_weight <= 1.0:
+        raise ValueError(f"{_NAME}: hard_weight must be in [0, 1], got {hard_weight!r}.")
+    if hard_weight and targets is None:
+        raise ValueError(f"{_NAME}: hard_weight={hard_weight} needs targets for its cross-entropy, got None.")
+
+
+class LinearKDLoss(nn.Module):
+    """:func:`linear_kd_loss` as a module; ``forward(student_hidden, student_weight, teacher_hidden,
+    teacher_weight, targets=None, student_bias=None, teacher_bias=None)``. Every keyword option is set here."""
+
+    def __init__(self, *, kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                 temperature_squared: bool = False, ignore_index: int = -100, hard_weight: float = 0.0,
+                 reduction: str = "mean", options: FusedOptions | None = None):
+        super().__init__()
+        checks.check_reduction(type(self).__name__, reduction)
+        _check_options(kind, beta, temperature, hard_weight, targets=0)
+        self.kind, self.beta, self.temperature, self.temperature_squared = kind, beta, temperature, temperature_squared
+        self.ignore_index, self.hard_weight, self.reduction, self.options = ignore_index, hard_weight, reduction, options
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, targets=None,
+                student_bias=None, teacher_bias=None):
+        return linear_kd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, targets, kind=self.kind,
+            beta=self.beta, temperature=self.temperature, temperature_squared=self.temperature_squared,
+            ignore_index=self.ignore_index, hard_weight=self.hard_weight, reduction=self.reduction,
+            student_bias=student_bias, teacher_bias=teacher_bias, options=self.options)
+
+    def extra_repr(self):
+        return (f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
+                f"temperature_squared={self.temperature_squared}, hard_weight={self.hard_weight}, "
+                f"reduction={self.reduction!r}")
