@@ -47,3 +47,17 @@ def test_interleaved_ratios_structure():
 
     out = ratios((64, 32, 101), ["eager", "fused"], rounds=2)
     assert list(out) == ["fused"] and len(out["fused"]) == 2 and all(r > 0 for r in out["fused"])
+
+
+def test_cli_distillation(tmp_path):
+    out = tmp_path / "kd.json"
+    cmd = [sys.executable, "-m", "lce_compile.bench", "--loss", "kd", "--shapes", "48,16,67", "--methods",
+           "eager,fused", "--json", str(out), "--quiet"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["meta"]["loss"] == "kd"
+    results = {r["method"]: r for r in data["results"]}
+    assert list(results) == ["eager", "fused"] and not any("error" in r for r in results.values())
+    for key in ("err_loss", "err_grad_hidden", "err_grad_weight"):
+        assert results["fused"][key] < 1e-5, (key, results["fused"][key])

@@ -148,3 +148,34 @@ def test_inside_user_compile_fullgraph_and_no_syncs():
         run(lambda h, w, t: linear_cross_entropy(h, w, t, options=opts), hidden, weight, targets)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_distillation_bf16_errors_and_memory(kind):
+    from lce_compile import linear_kd_loss
+    from reference import unfused_kd
+    n, vocab, chunk = 4096, 32003, 512
+    hidden, weight, targets = _cuda(*make_inputs(n, 256, vocab, seed=9))
+    t_hidden, t_weight, _ = _cuda(*make_inputs(n, 512, vocab, seed=10))
+    opts = FusedOptions(chunk_size=chunk)
+
+    def run_kd(fn, dtype, **kw):
+        h, w = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+        loss = fn(h, w, t_hidden.to(dtype), t_weight.to(dtype), targets, kind=kind, **kw)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    gold = run_kd(unfused_kd, torch.float64)
+    ref = run_kd(unfused_kd, torch.bfloat16)
+    got = run_kd(linear_kd_loss, torch.bfloat16, options=opts)  # 8 chunks
+    for name, g, r, o, factor in zip(("loss", "grad_hidden", "grad_weight"), gold, ref, got, (1.1, 1.1, 1.25)):
+        err, ref_err = (o.double() - g).abs().mean(), (r.double() - g).abs().mean()
+        assert err <= factor * ref_err + 1e-7 * g.abs().mean(), f"{name}: {err:.2e} > {factor} x {ref_err:.2e}"
+    h, w = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    th, tw = t_hidden.bfloat16(), t_weight.bfloat16()
+    step = lambda: linear_kd_loss(h, w, th, tw, targets, kind=kind, options=opts).backward()  # noqa: E731
+    step()
+    h.grad = w.grad = None
+    extra = _peak_above_inputs(step) - h.grad.nbytes - w.grad.nbytes
+    # the student's chunk (overwritten by its gradient) and the teacher's: two bf16 (C, V) buffers
+    assert extra <= 2 * chunk * vocab * 2 + (8 << 20), f"{extra / 2**20:.1f} MiB over the gradients"

@@ -13,18 +13,18 @@ import time
 import torch
 
 from .measure import make_inputs, step
-from .methods import METHODS
+from .methods import LOSSES
 from .run import parse_shapes
 
 
-def ratios(shape, methods, rounds, device="cpu", dtype=torch.float32, forward=False):
+def ratios(shape, methods, rounds, device="cpu", dtype=torch.float32, forward=False, loss="ce"):
     """{method: [time / baseline time, one per round]}; methods[0] is the baseline.
 
     forward: time the forward pass alone, under ``torch.no_grad()``, instead of forward + backward.
     """
     hidden, weight, targets = make_inputs(*shape, dtype, torch.device(device))
     hidden.requires_grad_(), weight.requires_grad_()
-    fns = {name: METHODS[name].make() for name in methods}
+    fns = {name: LOSSES[loss][name].make() for name in methods}
 
     def timed(fn):
         if device == "cuda":
@@ -58,13 +58,14 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--forward", action="store_true", help="time the forward pass alone (no_grad)")
+    parser.add_argument("--loss", default="ce", choices=tuple(LOSSES), help="as in python -m lce_compile.bench")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"torch {torch.__version__}, {device_name}, {args.dtype}, {'forward only' if args.forward else 'fwd+bwd'}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     for name, shape in parse_shapes(args.shapes or ["cpu-small,cpu-large"]):
-        found = ratios(shape, methods, args.rounds, args.device, getattr(torch, args.dtype), args.forward)
+        found = ratios(shape, methods, args.rounds, args.device, getattr(torch, args.dtype), args.forward, args.loss)
         for method, values in found.items():
             print(f"{name}: {method} / {methods[0]} = {statistics.median(values):.2f} (median of "
                   f"{len(values)} rounds: {', '.join(f'{v:.2f}' for v in values)})", flush=True)

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .methods import METHODS, REFERENCES
+from .methods import CHUNKABLE_REFERENCES, LOSSES, REFERENCES
 
 ERROR_ROWS = 512   # CPU: tokens the errors are measured on; an fp64 reference at full N is slow there
 REFERENCE_ROWS = 4096  # CUDA: errors on all N tokens, vs an fp32 reference computed this many rows at a time
@@ -92,7 +92,7 @@ def _cpu(task):
     # small allocations slower, which can only understate a chunked method's speed.
     ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 65536)
     _, hidden, weight, targets = _setup(task)
-    method = METHODS[task["method"]]
+    method = LOSSES[task.get("loss", "ce")][task["method"]]
     fn = method.make()
     _warm_up(fn, method, hidden, weight, targets, full_runs=task["warmup"])
     base = _proc_status_kib("VmRSS")
@@ -121,7 +121,7 @@ def _cuda(task):
     """CUDA: the first step (compilation included), peak allocated memory of one step above the inputs,
     the median of timed steps; then the same for the forward pass alone, under ``torch.no_grad()``."""
     device, hidden, weight, targets = _setup(task)
-    method = METHODS[task["method"]]
+    method = LOSSES[task.get("loss", "ce")][task["method"]]
     fn = method.make()
     # no tiny warm-up: a compiled method would compile for it and again (with dynamic shapes) for N
     torch.cuda.synchronize(device)
@@ -170,10 +170,11 @@ def _errors(task):
         hidden, targets = hidden[:ERROR_ROWS], targets[:ERROR_ROWS]
     golds, out = {}, {}  # golds: loss name -> (loss, grad_hidden, grad_weight)
     for name in task["methods"]:
-        method = METHODS[name]
+        method = LOSSES[task.get("loss", "ce")][name]
         try:
             if method.loss not in golds:
-                golds[method.loss] = _reference(REFERENCES[method.loss], hidden, weight, targets)
+                rows = REFERENCE_ROWS if method.loss in CHUNKABLE_REFERENCES else hidden.shape[0]
+                golds[method.loss] = _reference(REFERENCES[method.loss], hidden, weight, targets, rows)
             got = _loss_and_grads(method.make(), hidden, weight, targets)
             out[name] = {f"err_{key}": _relative_error(g, r) for key, g, r in zip(_KEYS, got, golds[method.loss])}
             del got
@@ -182,7 +183,7 @@ def _errors(task):
     return {"errors": out}
 
 
-def _reference(fn, hidden, weight, targets):
+def _reference(fn, hidden, weight, targets, rows):
     if hidden.device.type != "cuda":
         return _loss_and_grads(fn, hidden.double(), weight.double(), targets)
     tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -192,9 +193,9 @@ def _reference(fn, hidden, weight, targets):
         weight32 = weight.detach().float().requires_grad_()
         kept = (targets != -100).sum()
         total = 0.0
-        for start in range(0, hidden.shape[0], REFERENCE_ROWS):
-            rows = slice(start, start + REFERENCE_ROWS)
-            loss = fn(hidden32[rows], weight32, targets[rows], reduction="sum") / kept
+        for start in range(0, hidden.shape[0], rows):
+            part = slice(start, start + rows)
+            loss = fn(hidden32[part], weight32, targets[part], reduction="sum") / kept
             loss.backward()  # weight32.grad sums the chunks in fp32
             total = total + loss.detach()
         return total, hidden32.grad, weight32.grad

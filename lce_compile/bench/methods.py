@@ -149,3 +149,80 @@ METHODS = {
     "cce": Method(_make_cce, "cut_cross_entropy.linear_cross_entropy",
                   unavailable=_needs_module("cut_cross_entropy"), default_on=("cuda",)),
 }
+
+
+# ---- knowledge distillation (--loss kd): forward KL from a teacher twice the student's width ----
+TEACHER_WIDTH = 2  # teacher D = 2 x student D (e.g. Qwen-style 2048 -> 4096)
+_TEACHERS: dict = {}
+
+
+def kd_teacher(n, v, d, device):
+    """Seeded teacher inputs for N tokens: hidden (N, 2D) and weight (V, 2D), logit std ~4, as bf16-exact
+    values (so an fp32/fp64 reference sees exactly what a bf16 method sees). Cached: one entry."""
+    key = (n, v, d, str(device))
+    if key not in _TEACHERS:
+        _TEACHERS.clear()
+        gen = torch.Generator(device=device).manual_seed(1234)
+        dt = TEACHER_WIDTH * d
+        hidden = torch.randn(n, dt, generator=gen, device=device).bfloat16()
+        weight = (torch.randn(v, dt, generator=gen, device=device) * (4 / dt ** 0.5)).bfloat16()
+        _TEACHERS[key] = (hidden, weight)
+    return _TEACHERS[key]
+
+
+def _teacher_for(hidden, weight):
+    t_hidden, t_weight = kd_teacher(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.device)
+    return t_hidden.to(hidden.dtype), t_weight.to(hidden.dtype)
+
+
+def unfused_kd(hidden, weight, targets, reduction="mean"):
+    """Forward KL(p_teacher || p_student) per token, mean over kept tokens: full (N, V) logits of both heads."""
+    return _unfused_kd(hidden, weight, *_teacher_for(hidden, weight), targets, reduction)
+
+
+def _unfused_kd(hidden, weight, t_hidden, t_weight, targets, reduction="mean"):
+    wide = torch.promote_types(hidden.dtype, torch.float32)
+    log_s = F.log_softmax((hidden @ weight.T).to(wide), -1)
+    log_t = F.log_softmax((t_hidden @ t_weight.T).to(wide), -1)
+    kept = targets != IGNORE_INDEX
+    loss = torch.where(kept, (log_t.exp() * (log_t - log_s)).sum(-1), 0.0)
+    return loss.sum() / kept.sum() if reduction == "mean" else loss.sum()
+
+
+def _make_kd_compile():
+    compiled = torch.compile(_unfused_kd)  # the teacher's inputs are made outside the compiled code
+    return lambda hidden, weight, targets: compiled(hidden, weight, *_teacher_for(hidden, weight), targets)
+
+
+def _make_kd_fused():
+    from lce_compile import linear_kd_loss
+
+    def fused(hidden, weight, targets):
+        t_hidden, t_weight = _teacher_for(hidden, weight)
+        return linear_kd_loss(hidden, weight, t_hidden, t_weight, targets, kind="forward_kl",
+                              ignore_index=IGNORE_INDEX)
+    return fused
+
+
+def _make_kd_liger():
+    from liger_kernel.transformers import LigerFusedLinearJSD
+    module = LigerFusedLinearJSD(jsd_beta=0.0, ignore_index=IGNORE_INDEX)  # beta = 0: forward KL
+
+    def liger(hidden, weight, targets):
+        t_hidden, t_weight = _teacher_for(hidden, weight)
+        return module(hidden, weight, t_hidden, t_weight, targets)
+    return liger
+
+
+KD_METHODS = {
+    "eager": Method(lambda: unfused_kd, "unfused forward KL: both heads' full logits", loss="kd"),
+    "compile": Method(_make_kd_compile, "torch.compile of the unfused forward KL", default_on=("cuda",),
+                      compiles=True, loss="kd"),
+    "fused": Method(_make_kd_fused, "lce_compile.linear_kd_loss(kind='forward_kl')", compiles=True, loss="kd"),
+    "liger": Method(_make_kd_liger, "liger_kernel LigerFusedLinearJSD(jsd_beta=0.0), forward KL",
+                    unavailable=_needs_module("liger_kernel"), default_on=("cuda",), loss="kd"),
+}
+REFERENCES["kd"] = unfused_kd
+# references that may run a few thousand rows at a time (their teachers are not per-row data)
+CHUNKABLE_REFERENCES = {"cross_entropy", "cross_entropy_softcap"}
+LOSSES = {"ce": METHODS, "kd": KD_METHODS}

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from . import measure, report
-from .methods import METHODS
+from .methods import LOSSES, TEACHER_WIDTH
 
 # name -> (N tokens, D hidden, V vocab)
 SHAPES = {
@@ -22,8 +22,14 @@ SHAPES = {
     "llama3-8b": (8192, 4096, 128256),
     "qwen2.5-7b": (8192, 3584, 152064),
     "gemma2-2b-32k": (32768, 2304, 256000),
+    # --loss kd: the student's (N, D, V); the teacher is TEACHER_WIDTH x wider
+    "kd-cpu": (1024, 256, 32768),
+    "kd-qwen": (8192, 2048, 151936),
 }
-DEFAULT_SHAPES = {"cpu": ["cpu-small", "cpu-large"], "cuda": ["gemma2-2b", "llama3-8b", "qwen2.5-7b", "gemma2-2b-32k"]}
+DEFAULT_SHAPES = {
+    "ce": {"cpu": ["cpu-small", "cpu-large"], "cuda": ["gemma2-2b", "llama3-8b", "qwen2.5-7b", "gemma2-2b-32k"]},
+    "kd": {"cpu": ["kd-cpu"], "cuda": ["kd-qwen"]},
+}
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 # Full-size steps before measuring: one eager step of cpu-large takes ~15 s on 2 cores, so the CPU
 # warms up on a tiny slice instead (full-size only for methods that compile, see Method.compiles).
@@ -39,8 +45,13 @@ def parse_args(argv=None):
                     "Each (shape, method) is measured in fresh worker processes.",
         epilog="shapes (N tokens, D hidden, V vocab):\n"
                + "\n".join(f"  {k:14s}N={n} D={d} V={v}" for k, (n, d, v) in SHAPES.items())
-               + "\nmethods:\n" + "\n".join(f"  {k:14s}{m.doc}" for k, m in METHODS.items()))
+               + "".join(f"\nmethods, --loss {loss}:\n" + "\n".join(f"  {k:14s}{m.doc}" for k, m in methods.items())
+                         for loss, methods in LOSSES.items())
+               + f"\n--loss kd: forward KL to a teacher {TEACHER_WIDTH}x as wide as the student (D); the floor is "
+                 "the student's gradients")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--loss", default="ce", choices=tuple(LOSSES),
+                        help="ce: cross-entropy (default); kd: knowledge distillation, forward KL")
     parser.add_argument("--dtype", choices=DTYPES, help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--shapes", action="append", metavar="LIST",
                         help="comma-separated shape names and custom shapes, written NxDxV or N,D,V "
@@ -49,6 +60,7 @@ def parse_args(argv=None):
     parser.add_argument("--methods", metavar="LIST",
                         help="comma-separated method names, or 'all'. Default: "
                              + "; ".join(f"{','.join(parse_methods(None, dev))} on {dev}" for dev in DEFAULT_DTYPE)
+                             + " (for --loss ce)"
                              + ". Unavailable ones are skipped with a note")
     parser.add_argument("--tokens", metavar="LIST",
                         help="comma-separated token counts N: run every shape at each of them (the plot then "
@@ -68,10 +80,10 @@ def parse_args(argv=None):
     args.dtype = args.dtype or DEFAULT_DTYPE[args.device]
     args.repeat = args.repeat or DEFAULT_REPEAT[args.device]
     try:
-        args.shapes = parse_shapes(args.shapes or DEFAULT_SHAPES[args.device])
+        args.shapes = parse_shapes(args.shapes or DEFAULT_SHAPES[args.loss][args.device])
         if args.tokens:
             args.shapes = with_tokens(args.shapes, args.tokens)
-        args.methods = parse_methods(args.methods, args.device)
+        args.methods = parse_methods(args.methods, args.device, args.loss)
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -112,13 +124,14 @@ def with_tokens(shapes, tokens: str):
     return [(name, (n, d, v)) for (d, v), name in heads.items() for n in counts]
 
 
-def parse_methods(value, device):
+def parse_methods(value, device, loss="ce"):
+    methods = LOSSES[loss]
     if value is None:
-        return [name for name, m in METHODS.items() if device in m.default_on]
-    names = list(METHODS) if value == "all" else [v for v in value.split(",") if v]
-    unknown = [n for n in names if n not in METHODS]
+        return [name for name, m in methods.items() if device in m.default_on]
+    names = list(methods) if value == "all" else [v for v in value.split(",") if v]
+    unknown = [n for n in names if n not in methods]
     if unknown:
-        raise ValueError(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}.")
+        raise ValueError(f"--methods: unknown {', '.join(unknown)} for --loss {loss}; known: {', '.join(methods)}.")
     return list(dict.fromkeys(names))
 
 
@@ -128,7 +141,7 @@ def main(argv=None):
     meta = _metadata(args)
     methods = []
     for name in args.methods:
-        reason = METHODS[name].unavailable(args.device)
+        reason = LOSSES[args.loss][name].unavailable(args.device)
         if reason:
             meta["skipped"][name] = reason
             print(f"skipping {name}: {reason}", file=sys.stderr, flush=True)
@@ -150,7 +163,7 @@ def main(argv=None):
 def bench_shape(shape_name, shape, methods, args, say):
     """One record per method: time, peak memory, floor, errors; each measured in fresh processes."""
     n, d, v = shape
-    base = {"device": args.device, "dtype": args.dtype, "shape": shape, "seed": args.seed}
+    base = {"device": args.device, "dtype": args.dtype, "shape": shape, "seed": args.seed, "loss": args.loss}
     where = (f"fp64 reference, errors on the first {min(n, measure.ERROR_ROWS)} tokens" if args.device == "cpu"
              else "fp32 reference, errors on all tokens")
     say(f"[{shape_name} N={n}] {where} ...")
@@ -219,7 +232,7 @@ def _metadata(args):
     return {
         "device": args.device, "device_name": _cpu_name() if args.device == "cpu" else "cuda",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-        "lce_compile": _version(), "dtype": args.dtype, "repeat": args.repeat, "warmup": WARMUP[args.device],
+        "lce_compile": _version(), "loss": args.loss, "dtype": args.dtype, "repeat": args.repeat, "warmup": WARMUP[args.device],
         "error_rows": measure.ERROR_ROWS if args.device == "cpu" else "all", "seed": args.seed, "argv": sys.argv[1:], "skipped": {},
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
