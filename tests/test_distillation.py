@@ -112,8 +112,9 @@ def test_no_n_by_v_tensor_for_student_or_teacher():
                        options=opts).backward()
     grads = hidden.grad.nbytes + weight.grad.nbytes
     assert tracker.largest < n * vocab // 10, f"a tensor of {tracker.largest} elements was allocated"
-    # eager chunks hold ~12 fp32 (C, V) buffers across both heads (log-softmaxes, mixture, their gradients)
-    assert tracker.peak <= grads + 16 * chunk * vocab * 4, f"peak {tracker.peak / 1e6:.1f} MB"
+    # eager chunks hold ~17 fp32 (C, V) buffers across both heads (JSD: log-probabilities, the mixture, their
+    # gradients); compiled chunks fuse them away. The full logits would be 64 such buffers.
+    assert tracker.peak <= grads + 20 * chunk * vocab * 4, f"peak {tracker.peak / 1e6:.1f} MB"
 
 
 def test_chunks_share_the_budget_between_heads():

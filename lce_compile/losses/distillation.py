@@ -15,26 +15,28 @@ _NAME = "linear_kd_loss"
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
-def _kl(log_p, log_q):
-    """KL(p || q) per row, from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
 def _kd_rows(logits, teacher_logits, targets=None, *, kind="forward_kl", beta=0.5, temperature=1.0,
              temperature_squared=False, ignore_index=-100, hard_weight=0.0):
-    """One chunk: student and teacher logits (C, V) -> per-row loss (C,) in fp32; ignored rows give 0."""
+    """One chunk: student and teacher logits (C, V) -> per-row loss (C,) in fp32; ignored rows give 0.
+
+    The KLs are written with each head's logsumexp, KL(p || q) = sum p * (x_p - x_q) - lse_p + lse_q, so that
+    every (C, V) quantity is recomputed from the two logits chunks inside fused kernels: no fp32 (C, V)
+    buffer is stored between passes.
+    """
     student = logits.float()
-    log_s = F.log_softmax(student / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = student / temperature
+    t = teacher_logits.float() / temperature
+    lse_s, lse_t = torch.logsumexp(s, dim=-1, keepdim=True), torch.logsumexp(t, dim=-1, keepdim=True)
     if kind == "forward_kl":
-        soft = _kl(log_t, log_s)
+        soft = ((t - lse_t).exp() * (t - s)).sum(-1) - lse_t[:, 0] + lse_s[:, 0]
     elif kind == "reverse_kl":
-        soft = _kl(log_s, log_t)
+        soft = ((s - lse_s).exp() * (s - t)).sum(-1) - lse_s[:, 0] + lse_t[:, 0]
     else:  # m = beta * p_teacher + (1 - beta) * p_student, in log space
+        log_s, log_t = s - lse_s, t - lse_t
         log_beta = math.log(beta) if beta > 0 else -math.inf
         log_rest = math.log1p(-beta) if beta < 1 else -math.inf
         log_m = torch.logaddexp(log_t + log_beta, log_s + log_rest)
-        soft = beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+        soft = (beta * log_t.exp() * (log_t - log_m) + (1 - beta) * log_s.exp() * (log_s - log_m)).sum(-1)
     if temperature_squared:
         soft = soft * temperature ** 2
     loss = soft
