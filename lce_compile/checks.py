@@ -81,9 +81,10 @@ def check_rows(name: str, arg: str, tensor, hidden: torch.Tensor) -> None:
     check_device(name, arg, tensor, hidden)
 
 
-def check_targets(name: str, targets, hidden, vocab: int, ignore_index: int, validate: bool,
+def check_targets(name: str, targets, hidden, vocab: int, ignore_index: int | None, validate: bool,
                   arg: str = "targets") -> None:
-    """Class-index targets: hidden's leading shape exactly, an integer dtype, values in [0, V) or ignore_index."""
+    """Class-index targets: hidden's leading shape exactly, an integer dtype, values in [0, V) or ignore_index
+    (``None``: no value is ignored)."""
     check_rows(name, arg, targets, hidden)
     if targets.dim() != hidden.dim() - 1:
         raise ValueError(
@@ -96,15 +97,12 @@ def check_targets(name: str, targets, hidden, vocab: int, ignore_index: int, val
         )
     if not validate or targets.numel() == 0 or torch.compiler.is_compiling():
         return
-    kept = targets != ignore_index
-    low = torch.where(kept, targets, 0).amin()
-    high = torch.where(kept, targets, 0).amax()
-    bounds = torch.stack([low, high]).tolist()  # one read-back for both
+    kept = targets if ignore_index is None else torch.where(targets != ignore_index, targets, 0)
+    bounds = torch.stack([kept.amin(), kept.amax()]).tolist()  # one read-back for both
     if bounds[0] < 0 or bounds[1] >= vocab:
         bad = bounds[0] if bounds[0] < 0 else bounds[1]
-        raise ValueError(
-            f"{name}: {arg} must be in [0, {vocab}) or ignore_index={ignore_index}, got {bad}."
-        )
+        allowed = "" if ignore_index is None else f" or ignore_index={ignore_index}"
+        raise ValueError(f"{name}: {arg} must be in [0, {vocab}){allowed}, got {bad}.")
 
 
 def check_class_weight(name: str, arg: str, class_weight, hidden, vocab: int) -> None:

@@ -31,6 +31,7 @@ class Plan:
     tensor_keys: tuple = ()   # fn's tensor keyword arguments, passed to apply() positionally
     row_keys: tuple = ()      # keyword names of the last row inputs (split by rows like the others)
     aux_keys: tuple = ()      # names of per-row outputs fn returns beside its values
+    row_shape: tuple = ()     # shape of fn's value per row ("rows"): () or e.g. (2,) for two values per row
 
 
 class Head(NamedTuple):
@@ -112,7 +113,7 @@ def fused_call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), r
             out = _forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
     value, aux = out[0], out[1:]
     if plan.reduction == "none":
-        value = value.reshape(lead)
+        value = value.reshape(*lead, *plan.row_shape)
     aux = tuple(a.reshape(*lead, *a.shape[1:]) for a in aux)
     return (value, aux) if plan.aux_keys else value
 
@@ -294,7 +295,7 @@ def _chunk_step(fn, kwargs, row_keys, logits, row_inputs, cotangent, want_bias):
 
 def _check_value(plan, value, rows):
     fn_name = getattr(plan.fn, "__name__", "fn")
-    if plan.returns == "rows" and tuple(value.shape) != (rows,):
+    if plan.returns == "rows" and tuple(value.shape) != (rows, *plan.row_shape):
         if value.dim() == 0:
             raise checks.scalar_output_error(plan.name, fn_name)
         raise checks.rows_output_error(plan.name, fn_name, rows, tuple(value.shape))

@@ -1,5 +1,8 @@
 from .cross_entropy import AuxOutput, AuxRequest, LinearCrossEntropyLoss, linear_cross_entropy
 from .distillation import LinearKDLoss, linear_kd_loss
+from .rl import (LinearDPOLoss, LinearGRPOLoss, LinearTokenLogprobs, linear_dpo_loss, linear_grpo_loss,
+                 linear_token_logprobs)
 
-__all__ = ["AuxOutput", "AuxRequest", "LinearCrossEntropyLoss", "LinearKDLoss", "linear_cross_entropy",
-           "linear_kd_loss"]
+__all__ = ["AuxOutput", "AuxRequest", "LinearCrossEntropyLoss", "LinearDPOLoss", "LinearGRPOLoss", "LinearKDLoss",
+           "LinearTokenLogprobs", "linear_cross_entropy", "linear_dpo_loss", "linear_grpo_loss", "linear_kd_loss",
+           "linear_token_logprobs"]

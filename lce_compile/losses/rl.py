@@ -1,0 +1,291 @@
+"""RL and preference losses: fused per-token log-probabilities, the GRPO family and DPO on top of them."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import checks
+from ..engine import Plan, fused_call
+from ..policy import DEFAULT_OPTIONS, FusedOptions
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LEVELS = ("token", "sequence")
+
+
+def _logprob_rows(logits, token_ids, *, temperature=1.0, entropy=False):
+    """One chunk: log p(token) under softmax(logits / T), (C,), or (C, 2) with the row's entropy too."""
+    z = logits.float() / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    columns = torch.arange(z.shape[-1], device=z.device)
+    picked = torch.where(columns == token_ids.unsqueeze(-1), z, 0.0).sum(-1)
+    in_range = (token_ids >= 0) & (token_ids < z.shape[-1])  # unchecked (validate=False): NaN
+    logp = torch.where(in_range, picked - lse, float("nan"))
+    if not entropy:
+        return logp
+    # H = lse - sum p z: no (C, V) log-probability tensor is formed
+    ent = lse - (torch.exp(z - lse.unsqueeze(-1)) * z).sum(-1)
+    return torch.stack((logp, ent), dim=-1)
+
+
+def linear_token_logprobs(hidden, weight, token_ids, *, temperature: float = 1.0, return_entropy: bool = False,
+                          bias=None, options: FusedOptions | None = None):
+    r"""Log-probability of each chosen token under ``softmax(hidden @ weight.T / temperature)``, fused.
+
+    Same values and gradients, up to float rounding, as the unfused code::
+
+        logits = (hidden @ weight.T + bias).float() / temperature            # (..., V); bias if given
+        logprobs = logits.log_softmax(-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)     # if return_entropy
+
+    Args:
+        hidden (Tensor): ``(..., D)`` final hidden states.
+        weight (Tensor): ``(V, D)`` output layer.
+        token_ids (Tensor): ``(...)`` integer ids in ``[0, V)``, hidden's leading shape.
+        temperature (float): divides the logits (sampling temperature). Default: 1.
+        return_entropy (bool): also return each row's entropy (differentiable too). Default: ``False``.
+        bias (Tensor, optional): ``(V,)`` output-layer bias.
+        options (FusedOptions, optional): engine knobs.
+    Returns:
+        Tensor ``logprobs`` of ``token_ids.shape`` (fp32), or ``(logprobs, entropy)``. Any upstream gradient
+        flows back to ``hidden``, ``weight`` and ``bias`` (the chunks are recomputed in backward).
+    Memory: the gradients plus one ``(C, V)`` chunk; never ``(N, V)``.
+    """
+    name = "linear_token_logprobs"
+    options = options or DEFAULT_OPTIONS
+    checks.check_head(name, hidden, weight, bias)
+    checks.check_targets(name, token_ids, hidden, weight.shape[0], None, options.validate, arg="token_ids")
+    _check_temperature(name, temperature)
+    plan = Plan(name, _logprob_rows, "rows", "none", {"temperature": temperature, "entropy": return_entropy},
+                options, row_shape=(2,) if return_entropy else ())
+    out = fused_call(plan, hidden, weight, bias, (token_ids.long(),))
+    return (out[..., 0], out[..., 1]) if return_entropy else out
+
+
+def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, old_logprobs=None,
+                     ref_logprobs=None, beta: float = 0.04, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+                     loss_type: str = "grpo", importance_sampling_level: str = "token", temperature: float = 1.0,
+                     max_completion_length: int | None = None, return_stats: bool = False, bias=None,
+                     options: FusedOptions | None = None):
+    r"""GRPO-family policy loss (the formulas of TRL's GRPOTrainer) on fused per-token log-probabilities.
+
+    With ``logp = linear_token_logprobs(hidden, weight, token_ids, temperature=temperature)`` (B, T) and
+    ``m = completion_mask``::
+
+        old = old_logprobs if given else logp.detach()
+        log_ratio = logp - old                                               # (B, T)
+        log_w = log_ratio                                                    # importance_sampling_level="token"
+        log_w = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)   # "sequence"
+        ratio = exp(log_w)
+        loss_t = -min(ratio * A, clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * A)      # A = advantages[:, None]
+        loss_t = loss_t + beta * (exp(ref - logp) - (ref - logp) - 1)       # k3 KL estimate, if beta != 0
+        "grpo":          ((loss_t * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+        "bnpo", "dapo":  (loss_t * m).sum() / m.sum().clamp(min=1)
+        "dr_grpo":       (loss_t * m).sum() / (B * max_completion_length)    # default: T
+
+    Args:
+        hidden (Tensor): ``(B, T, D)`` hidden states of the completion tokens' positions.
+        weight (Tensor): ``(V, D)`` output layer.
+        token_ids (Tensor): ``(B, T)`` the sampled completion tokens.
+        completion_mask (Tensor): ``(B, T)`` bool or 0/1: which tokens count. Empty sequences contribute 0.
+        advantages (Tensor): ``(B,)`` one advantage per sequence.
+        old_logprobs (Tensor, optional): ``(B, T)`` log-probabilities under the sampling policy. Default: the
+            current ones, detached (ratio 1, the on-policy case).
+        ref_logprobs (Tensor, optional): ``(B, T)`` under the reference model; required when ``beta != 0``.
+        beta (float): KL coefficient. Default: 0.04.
+        epsilon_low, epsilon_high (float): clipping range ``[1 - epsilon_low, 1 + epsilon_high]``. Default: 0.2.
+        loss_type (str): ``"grpo"`` | ``"bnpo"`` | ``"dr_grpo"`` | ``"dapo"``. Default: ``"grpo"``.
+        importance_sampling_level (str): ``"token"`` | ``"sequence"`` (GSPO). Default: ``"token"``.
+        temperature (float): divides the logits, as when sampling. Default: 1.
+        max_completion_length (int, optional): ``"dr_grpo"``'s constant denominator. Default: ``T``.
+        return_stats (bool): also return a dict of detached scalars for logging: ``"kl"`` (masked mean of the
+            k3 estimate; only with ``ref_logprobs``), ``"clip_ratio"`` (fraction of tokens where the clipped
+            term is the active one: ratio below ``1 - epsilon_low`` with ``A < 0``, or above
+            ``1 + epsilon_high`` with ``A > 0``), ``"entropy"`` (masked mean).
+        bias, options: as in :func:`linear_token_logprobs`.
+    Returns:
+        an fp32 scalar, or ``(loss, stats)``.
+    """
+    name = "linear_grpo_loss"
+    b, t = _check_sequences(name, hidden, token_ids, completion_mask)
+    _check_grpo(name, advantages, old_logprobs, ref_logprobs, beta, epsilon_low, epsilon_high, loss_type,
+                importance_sampling_level, max_completion_length, b, t, hidden)
+    out = linear_token_logprobs(hidden, weight, token_ids, temperature=temperature, return_entropy=return_stats,
+                                bias=bias, options=options)
+    logp, entropy = out if return_stats else (out, None)
+    mask = completion_mask.to(logp.dtype)
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(logp.dtype)
+    log_ratio = logp - old
+    if importance_sampling_level == "sequence":
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(logp.dtype).unsqueeze(-1)
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)
+    kl = None
+    if ref_logprobs is not None:
+        delta = ref_logprobs.to(logp.dtype) - logp
+        kl = torch.exp(delta) - delta - 1
+        if beta:
+            per_token = per_token + beta * kl
+    per_token = per_token * mask
+    if loss_type == "grpo":
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (b * (max_completion_length or t))
+    else:  # bnpo, dapo
+        loss = per_token.sum() / mask.sum().clamp(min=1)
+    if not return_stats:
+        return loss
+    tokens = mask.sum().clamp(min=1)
+    with torch.no_grad():
+        clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+        stats = {"clip_ratio": (clipped.expand_as(mask) * mask).sum() / tokens,
+                 "entropy": (entropy * mask).sum() / tokens}
+        if kl is not None:
+            stats["kl"] = (kl * mask).sum() / tokens
+    return loss, stats
+
+
+def linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, *, beta: float = 0.1,
+                    label_smoothing: float = 0.0, temperature: float = 1.0, reduction: str = "mean",
+                    return_stats: bool = False, bias=None, options: FusedOptions | None = None):
+    r"""DPO's sigmoid loss on fused sequence log-probabilities.
+
+    The batch holds ``2B`` sequences: the ``B`` chosen ones, then their ``B`` rejected ones, in the same order.
+    With ``logp = linear_token_logprobs(hidden, weight, token_ids, temperature=temperature)`` (2B, T)::
+
+        seq = (logp * completion_mask).sum(-1)                        # (2B,) sequence log-probabilities
+        ref = ref_logprobs if ref_logprobs.dim() == 1 else (ref_logprobs * completion_mask).sum(-1)
+        margin = beta * ((seq[:B] - ref[:B]) - (seq[B:] - ref[B:]))  # (B,)
+        loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+        # "mean": loss.mean(), "sum": loss.sum(), "none": loss
+
+    Args:
+        hidden (Tensor): ``(2B, T, D)``; token_ids, completion_mask: ``(2B, T)``.
+        ref_logprobs (Tensor): the reference model's log-probabilities, per sequence ``(2B,)`` or per token
+            ``(2B, T)`` (then summed over ``completion_mask``).
+        beta (float): temperature of the implicit reward. Default: 0.1.
+        label_smoothing (float): in ``[0, 0.5)``, the conservative DPO's assumed label-noise rate. Default: 0.
+        temperature, bias, options: as in :func:`linear_token_logprobs`.
+        reduction (str): over pairs, ``"mean"`` | ``"sum"`` | ``"none"``. Default: ``"mean"``.
+        return_stats (bool): also return detached ``"chosen_rewards"`` and ``"rejected_rewards"`` (B,)
+            (``beta * (seq - ref)``) and ``"reward_accuracy"`` (fraction of pairs with chosen > rejected).
+    Returns:
+        the loss, or ``(loss, stats)``.
+    """
+    name = "linear_dpo_loss"
+    n, t = _check_sequences(name, hidden, token_ids, completion_mask)
+    if n % 2:
+        raise ValueError(f"{name}: hidden must hold 2B sequences (B chosen, then B rejected), got {n}.")
+    checks.check_reduction(name, reduction)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 0.5), got {label_smoothing!r}.")
+    if not isinstance(ref_logprobs, torch.Tensor) or tuple(ref_logprobs.shape) not in ((n,), (n, t)):
+        got = tuple(ref_logprobs.shape) if isinstance(ref_logprobs, torch.Tensor) else type(ref_logprobs).__name__
+        raise ValueError(f"{name}: ref_logprobs must have shape (2B,) = ({n},) or (2B, T) = ({n}, {t}), got {got}.")
+    logp = linear_token_logprobs(hidden, weight, token_ids, temperature=temperature, bias=bias, options=options)
+    mask = completion_mask.to(logp.dtype)
+    seq = (logp * mask).sum(-1)
+    ref = ref_logprobs.to(logp.dtype)
+    ref = ref if ref.dim() == 1 else (ref * mask).sum(-1)
+    rewards = beta * (seq - ref)
+    chosen, rejected = rewards[: n // 2], rewards[n // 2:]
+    margin = chosen - rejected
+    loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    loss = loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+    if not return_stats:
+        return loss
+    stats = {"chosen_rewards": chosen.detach(), "rejected_rewards": rejected.detach(),
+             "reward_accuracy": (chosen > rejected).float().mean().detach()}
+    return loss, stats
+
+
+def _check_temperature(name, temperature):
+    if not temperature > 0:
+        raise ValueError(f"{name}: temperature must be > 0, got {temperature!r}.")
+
+
+def _check_sequences(name, hidden, token_ids, completion_mask):
+    """hidden (B, T, D), token_ids and completion_mask (B, T); returns (B, T)."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"{name}: hidden must have shape (B, T, D), got {got}.")
+    b, t = hidden.shape[:2]
+    checks.check_rows(name, "completion_mask", completion_mask, hidden)
+    if completion_mask.dim() != 2:
+        raise ValueError(f"{name}: completion_mask must have shape (B, T) = ({b}, {t}), "
+                         f"got {tuple(completion_mask.shape)}.")
+    if completion_mask.is_complex():
+        raise TypeError(f"{name}: completion_mask must be bool, 0/1 integers or floats, got {completion_mask.dtype}.")
+    return b, t
+
+
+def _check_grpo(name, advantages, old, ref, beta, epsilon_low, epsilon_high, loss_type, level,
+                max_completion_length, b, t, hidden):
+    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != (b,):
+        got = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+        raise ValueError(f"{name}: advantages must have shape (B,) = ({b},), one per sequence, got {got}.")
+    for arg, value in (("old_logprobs", old), ("ref_logprobs", ref)):
+        if value is not None:
+            checks.check_rows(name, arg, value, hidden)
+            if value.dim() != 2 or not value.is_floating_point():
+                raise ValueError(f"{name}: {arg} must be a float tensor of shape (B, T) = ({b}, {t}), "
+                                 f"got {value.dtype} {tuple(value.shape)}.")
+    if beta and ref is None:
+        raise ValueError(f"{name}: beta={beta} needs ref_logprobs for its KL term; pass them, or beta=0.0.")
+    if not (epsilon_low >= 0 and epsilon_high >= 0):
+        raise ValueError(f"{name}: epsilon_low and epsilon_high must be >= 0, got {epsilon_low!r}, {epsilon_high!r}.")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"{name}: loss_type must be one of {', '.join(map(repr, LOSS_TYPES))}, got {loss_type!r}.")
+    if level not in LEVELS:
+        raise ValueError(f"{name}: importance_sampling_level must be 'token' or 'sequence', got {level!r}.")
+    if max_completion_length is not None and (not isinstance(max_completion_length, int)
+                                              or max_completion_length < 1):
+        raise ValueError(f"{name}: max_completion_length must be a positive int or None, "
+                         f"got {max_completion_length!r}.")
+
+
+class LinearTokenLogprobs(nn.Module):
+    """:func:`linear_token_logprobs` as a module: ``forward(hidden, weight, token_ids, bias=None)``."""
+
+    def __init__(self, *, temperature: float = 1.0, return_entropy: bool = False,
+                 options: FusedOptions | None = None):
+        super().__init__()
+        _check_temperature(type(self).__name__, temperature)
+        self.temperature, self.return_entropy, self.options = temperature, return_entropy, options
+
+    def forward(self, hidden, weight, token_ids, bias=None):
+        return linear_token_logprobs(hidden, weight, token_ids, temperature=self.temperature,
+                                     return_entropy=self.return_entropy, bias=bias, options=self.options)
+
+
+class LinearGRPOLoss(nn.Module):
+    """:func:`linear_grpo_loss` as a module: ``forward(hidden, weight, token_ids, completion_mask, advantages,
+    old_logprobs=None, ref_logprobs=None, bias=None)``; every keyword option is set here."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, hidden, weight, token_ids, completion_mask, advantages, old_logprobs=None,
+                ref_logprobs=None, bias=None):
+        return linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, old_logprobs=old_logprobs,
+                                ref_logprobs=ref_logprobs, bias=bias, **self.options)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class LinearDPOLoss(nn.Module):
+    """:func:`linear_dpo_loss` as a module: ``forward(hidden, weight, token_ids, completion_mask, ref_logprobs,
+    bias=None)``; every keyword option is set here."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, hidden, weight, token_ids, completion_mask, ref_logprobs, bias=None):
+        return linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, bias=bias, **self.options)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
