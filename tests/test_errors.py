@@ -3,7 +3,8 @@ import expecttest
 import torch
 import torch.nn.functional as F
 
-from lce_compile import FusedOptions, LinearCrossEntropyLoss, fused_loss, linear_cross_entropy, linear_kd_loss
+from lce_compile import (FusedOptions, LinearCrossEntropyLoss, fused_loss, linear_cross_entropy, linear_dpo_loss,
+                         linear_grpo_loss, linear_kd_loss, linear_token_logprobs)
 
 H, W, T = torch.randn(4, 8), torch.randn(11, 8), torch.randint(0, 11, (4,))
 
@@ -115,6 +116,28 @@ ValueError: linear_kd_loss: hard_weight=0.5 needs targets for its cross-entropy,
 ValueError: linear_kd_loss: beta must be in [0, 1], got 1.5.""")
         self.assertExpectedInline(_message(lambda: linear_kd_loss(H, W, teacher_h, teacher_w, T[:3])), """\
 ValueError: linear_kd_loss: targets must have the leading shape of hidden (4,), got (3,).""")
+
+    def test_rl_inputs(self):
+        h3, ids, mask, adv = torch.randn(2, 3, 8), torch.randint(0, 11, (2, 3)), torch.ones(2, 3), torch.randn(2)
+        self.assertExpectedInline(_message(lambda: linear_token_logprobs(H, W, T.float())), """\
+TypeError: linear_token_logprobs: token_ids must be an integer tensor of class indices, got torch.float32. Probability targets need the full (N, V) tensor and are not supported.""")
+        self.assertExpectedInline(_message(lambda: linear_token_logprobs(H, W, torch.tensor([0, 11, 2, 3]))), """\
+ValueError: linear_token_logprobs: token_ids must be in [0, 11), got 11.""")
+        self.assertExpectedInline(_message(lambda: linear_grpo_loss(H, W, T, mask, adv)), """\
+ValueError: linear_grpo_loss: hidden must have shape (B, T, D), got (4, 8).""")
+        self.assertExpectedInline(_message(lambda: linear_grpo_loss(h3, W, ids, mask, adv[:1], beta=0.0)), """\
+ValueError: linear_grpo_loss: advantages must have shape (B,) = (2,), one per sequence, got (1,).""")
+        self.assertExpectedInline(_message(lambda: linear_grpo_loss(h3, W, ids, mask, adv)), """\
+ValueError: linear_grpo_loss: beta=0.04 needs ref_logprobs for its KL term; pass them, or beta=0.0.""")
+        self.assertExpectedInline(_message(lambda: linear_grpo_loss(h3, W, ids, mask, adv, beta=0.0,
+                                                                    loss_type="ppo")), """\
+ValueError: linear_grpo_loss: loss_type must be one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', got 'ppo'.""")
+        self.assertExpectedInline(_message(lambda: linear_grpo_loss(h3, W, ids, mask[:, :2], adv, beta=0.0)), """\
+ValueError: linear_grpo_loss: completion_mask must have the leading shape of hidden (2, 3), got (2, 2).""")
+        self.assertExpectedInline(_message(lambda: linear_dpo_loss(h3[:1], W, ids[:1], mask[:1], adv[:1])), """\
+ValueError: linear_dpo_loss: hidden must hold 2B sequences (B chosen, then B rejected), got 1.""")
+        self.assertExpectedInline(_message(lambda: linear_dpo_loss(h3, W, ids, mask, torch.randn(3))), """\
+ValueError: linear_dpo_loss: ref_logprobs must have shape (2B,) = (2,) or (2B, T) = (2, 3), got (3,).""")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,212 @@
+"""Per-token log-probs, GRPO family and DPO against plain PyTorch written from the formulas (CPU)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lce_compile import (FusedOptions, LinearDPOLoss, LinearGRPOLoss, LinearTokenLogprobs, linear_dpo_loss,
+                         linear_grpo_loss, linear_token_logprobs)
+from memtrack import AllocationTracker
+
+V, D = 157, 24
+OPTS = FusedOptions(chunk_size=16)
+
+
+def _inputs(b, t, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, D, generator=g, dtype=dtype)
+    weight = torch.randn(V, D, generator=g, dtype=dtype) * (3 / D ** 0.5)
+    ids = torch.randint(0, V, (b, t), generator=g)
+    lengths = torch.randint(0, t + 1, (b,), generator=g)
+    lengths[0] = 0                                        # an empty sequence
+    mask = torch.arange(t)[None] < lengths[:, None]       # ragged completions
+    return hidden, weight, ids, mask, g
+
+
+def ref_logprobs(hidden, weight, ids, temperature=1.0):
+    logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature
+    logp_all = logits.log_softmax(-1)
+    return logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1)
+
+
+def ref_grpo(hidden, weight, ids, mask, adv, old=None, ref=None, beta=0.04, eps_low=0.2, eps_high=0.2,
+             loss_type="grpo", level="token", temperature=1.0, max_len=None):
+    logp, _ = ref_logprobs(hidden, weight, ids, temperature)
+    b, t = ids.shape
+    old = logp.detach() if old is None else old
+    per_seq, total, count = [], 0.0, 0
+    for i in range(b):
+        m = mask[i]
+        lr = logp[i] - old[i]
+        if level == "sequence":
+            lr = (lr[m].sum() / max(int(m.sum()), 1)).expand(t)
+        ratio = lr.exp()
+        loss = -torch.minimum(ratio * adv[i], ratio.clamp(1 - eps_low, 1 + eps_high) * adv[i])
+        if beta:
+            d = ref[i] - logp[i]
+            loss = loss + beta * (d.exp() - d - 1)
+        per_seq.append(loss[m].sum() / max(int(m.sum()), 1))
+        total = total + loss[m].sum()
+        count += int(m.sum())
+    if loss_type == "grpo":
+        return torch.stack(per_seq).mean()
+    if loss_type == "dr_grpo":
+        return total / (b * (max_len or t))
+    return total / max(count, 1)
+
+
+def _grads(fn, hidden, weight, dtype):
+    h = hidden.detach().to(dtype).requires_grad_()
+    w = weight.detach().to(dtype).requires_grad_()
+    out = fn(h, w)
+    out.backward()
+    return out.detach(), h.grad, w.grad
+
+
+def _close(got, gold, rtol=1e-4):
+    for g, want in zip(got, gold):
+        torch.testing.assert_close(g.double(), want.double(), rtol=rtol, atol=1e-5 * want.abs().max().item() + 1e-8)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 29)], ids=str)
+def test_logprobs_and_entropy_any_upstream(shape, temperature):
+    hidden, weight, ids, _, g = _inputs(*shape, seed=1)
+    up_lp, up_ent = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g,
+                                                                                      dtype=torch.float64)
+
+    def ref(h, w):
+        lp, ent = ref_logprobs(h, w, ids, temperature)
+        return (lp * up_lp).sum() + (ent * up_ent).sum()
+
+    def fused(h, w):
+        lp, ent = linear_token_logprobs(h, w, ids, temperature=temperature, return_entropy=True, options=OPTS)
+        assert lp.shape == ids.shape and ent.shape == ids.shape
+        return (lp.double() * up_lp).sum() + (ent.double() * up_ent).sum()
+
+    _close(_grads(fused, hidden, weight, torch.float32), _grads(ref, hidden, weight, torch.float64))
+    lp = linear_token_logprobs(hidden.float(), weight.float(), ids, temperature=temperature)
+    torch.testing.assert_close(lp.double(), ref_logprobs(hidden, weight, ids, temperature)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_logprobs_bf16_no_less_accurate_than_unfused():
+    hidden, weight, ids, _, g = _inputs(4, 100, seed=2)
+    up = torch.randn(ids.shape, generator=g, dtype=torch.float64)
+    gold = _grads(lambda h, w: (ref_logprobs(h, w, ids)[0] * up).sum(), hidden, weight, torch.float64)
+    base = _grads(lambda h, w: (ref_logprobs(h, w, ids)[0].double() * up).sum(), hidden, weight, torch.bfloat16)
+    got = _grads(lambda h, w: (linear_token_logprobs(h, w, ids, options=FusedOptions(chunk_size=64)).double()
+                               * up).sum(), hidden, weight, torch.bfloat16)
+    for name, gd, r, o in zip(("value", "grad_hidden", "grad_weight"), gold, base, got):
+        err, ref_err = (o.double() - gd).abs().mean(), (r.double() - gd).abs().mean()
+        assert err <= 1.1 * ref_err + 1e-7 * gd.abs().mean(), f"{name}: {err:.2e} > 1.1 x {ref_err:.2e}"
+
+
+GRPO_CASES = [
+    {"loss_type": "grpo"},
+    {"loss_type": "bnpo", "beta": 0.0},
+    {"loss_type": "dr_grpo", "max_len": 40},
+    {"loss_type": "dapo", "eps_high": 0.28, "level": "sequence"},
+    {"loss_type": "grpo", "level": "sequence", "temperature": 0.8},
+    {"loss_type": "dr_grpo", "old": None},
+]
+
+
+@pytest.mark.parametrize("case", GRPO_CASES, ids=str)
+def test_grpo_matches_formulas(case):
+    case = dict(case)
+    hidden, weight, ids, mask, g = _inputs(5, 21, seed=3)
+    adv = torch.randn(5, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        cur, _ = ref_logprobs(hidden, weight, ids)
+    old = case.pop("old", cur + 0.3 * torch.randn(cur.shape, generator=g, dtype=torch.float64))
+    ref = cur + 0.2 * torch.randn(cur.shape, generator=g, dtype=torch.float64)
+    beta, loss_type = case.get("beta", 0.04), case["loss_type"]
+    level, temperature = case.get("level", "token"), case.get("temperature", 1.0)
+    eps_high, max_len = case.get("eps_high", 0.2), case.get("max_len")
+    gold = _grads(lambda h, w: ref_grpo(h, w, ids, mask, adv, old, ref, beta, 0.2, eps_high, loss_type, level,
+                                        temperature, max_len), hidden, weight, torch.float64)
+    got = _grads(lambda h, w: linear_grpo_loss(
+        h, w, ids, mask, adv.float(), old_logprobs=None if old is None else old.float(), ref_logprobs=ref.float(),
+        beta=beta, epsilon_high=eps_high, loss_type=loss_type, importance_sampling_level=level,
+        temperature=temperature, max_completion_length=max_len, options=OPTS), hidden, weight, torch.float32)
+    _close(got, gold)
+
+
+def test_grpo_stats_and_module_form():
+    hidden, weight, ids, mask, g = _inputs(4, 17, seed=4)
+    adv = torch.randn(4, generator=g)
+    cur, ent = ref_logprobs(hidden, weight, ids)
+    old = (cur + 0.5 * torch.randn(cur.shape, generator=g, dtype=torch.float64)).float()
+    ref = (cur + 0.1 * torch.randn(cur.shape, generator=g, dtype=torch.float64)).float()
+    module = LinearGRPOLoss(beta=0.1, return_stats=True, options=OPTS)
+    loss, stats = module(hidden.float(), weight.float(), ids, mask, adv, old, ref)
+    m = mask.double()
+    ratio = (cur - old.double()).exp()
+    clipped = ((ratio < 0.8) & (adv[:, None] < 0)) | ((ratio > 1.2) & (adv[:, None] > 0))
+    d = ref.double() - cur
+    want = {"clip_ratio": (clipped * m).sum() / m.sum(), "entropy": (ent * m).sum() / m.sum(),
+            "kl": ((d.exp() - d - 1) * m).sum() / m.sum()}
+    assert set(stats) == set(want)
+    for key, value in want.items():
+        torch.testing.assert_close(stats[key].double(), value, rtol=1e-4, atol=1e-6)
+    gold = ref_grpo(hidden, weight, ids, mask, adv.double(), old.double(), ref.double(), beta=0.1)
+    torch.testing.assert_close(loss.double(), gold, rtol=1e-4, atol=1e-6)
+    assert "beta=0.1" in repr(module)
+
+
+@pytest.mark.parametrize("per_token_ref", [False, True])
+@pytest.mark.parametrize("reduction,label_smoothing", [("mean", 0.0), ("sum", 0.1), ("none", 0.25)])
+def test_dpo_matches_formulas(per_token_ref, reduction, label_smoothing):
+    hidden, weight, ids, mask, g = _inputs(6, 13, seed=5)
+    ref_tok = torch.randn(ids.shape, generator=g, dtype=torch.float64) - 3
+    ref = ref_tok if per_token_ref else (ref_tok * mask).sum(-1)
+    up = torch.randn(3, generator=g, dtype=torch.float64) if reduction == "none" else None
+
+    def reference(h, w):
+        logp, _ = ref_logprobs(h, w, ids)
+        seq = (logp * mask).sum(-1)
+        r = (ref_tok * mask).sum(-1)
+        margin = 0.2 * ((seq[:3] - r[:3]) - (seq[3:] - r[3:]))
+        loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+        loss = loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+        return loss if up is None else (loss * up).sum()
+
+    def fused(h, w):
+        loss = linear_dpo_loss(h, w, ids, mask, ref.float(), beta=0.2, label_smoothing=label_smoothing,
+                               reduction=reduction, options=OPTS)
+        return loss if up is None else (loss.double() * up).sum()
+
+    _close(_grads(fused, hidden, weight, torch.float32), _grads(reference, hidden, weight, torch.float64))
+
+
+def test_dpo_stats_and_module_form():
+    hidden, weight, ids, mask, g = _inputs(4, 9, seed=6)
+    ref = torch.randn(4, generator=g)
+    loss, stats = LinearDPOLoss(beta=0.5, return_stats=True)(hidden.float(), weight.float(), ids, mask, ref)
+    logp, _ = ref_logprobs(hidden, weight, ids)
+    rewards = 0.5 * ((logp * mask).sum(-1) - ref.double())
+    torch.testing.assert_close(stats["chosen_rewards"].double(), rewards[:2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stats["rejected_rewards"].double(), rewards[2:], rtol=1e-4, atol=1e-5)
+    assert stats["reward_accuracy"].item() == (rewards[:2] > rewards[2:]).double().mean().item()
+    torch.testing.assert_close(loss.double(), -F.logsigmoid(rewards[:2] - rewards[2:]).mean(), rtol=1e-4, atol=1e-6)
+    lp = LinearTokenLogprobs(temperature=0.5)(hidden.float(), weight.float(), ids)
+    torch.testing.assert_close(lp.double(), ref_logprobs(hidden, weight, ids, 0.5)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_no_n_by_v_tensor():
+    b, t, vocab, chunk = 8, 256, 4096, 32
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(b, t, 32, generator=g, requires_grad=True)
+    weight = torch.randn(vocab, 32, generator=g, requires_grad=True)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    mask = torch.rand(b, t, generator=g) < 0.8
+    adv = torch.randn(b, generator=g)
+    ref = torch.randn(b, t, generator=g) - 8
+    opts = FusedOptions(chunk_size=chunk, compile=False)
+    with AllocationTracker(inputs=(hidden, weight, ids, mask, adv, ref)) as tracker:
+        loss, _ = linear_grpo_loss(hidden, weight, ids, mask, adv, ref_logprobs=ref, return_stats=True,
+                                   importance_sampling_level="sequence", options=opts)
+        loss.backward()
+    n = b * t
+    grads = hidden.grad.nbytes + weight.grad.nbytes
+    assert tracker.largest < n * vocab // 10, f"a tensor of {tracker.largest} elements was allocated"
+    assert tracker.peak <= grads + 12 * chunk * vocab * 4 + 64 * n, f"peak {tracker.peak / 1e6:.1f} MB"
