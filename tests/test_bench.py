@@ -49,14 +49,15 @@ def test_interleaved_ratios_structure():
     assert list(out) == ["fused"] and len(out["fused"]) == 2 and all(r > 0 for r in out["fused"])
 
 
-def test_cli_distillation(tmp_path):
-    out = tmp_path / "kd.json"
-    cmd = [sys.executable, "-m", "lce_compile.bench", "--loss", "kd", "--shapes", "48,16,67", "--methods",
+@pytest.mark.parametrize("loss", ["kd", "grpo"])
+def test_cli_other_losses(tmp_path, loss):
+    out = tmp_path / f"{loss}.json"
+    cmd = [sys.executable, "-m", "lce_compile.bench", "--loss", loss, "--shapes", "48,16,67", "--methods",
            "eager,fused", "--json", str(out), "--quiet"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert data["meta"]["loss"] == "kd"
+    assert data["meta"]["loss"] == loss
     results = {r["method"]: r for r in data["results"]}
     assert list(results) == ["eager", "fused"] and not any("error" in r for r in results.values())
     for key in ("err_loss", "err_grad_hidden", "err_grad_weight"):

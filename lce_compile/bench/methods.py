@@ -226,3 +226,68 @@ REFERENCES["kd"] = unfused_kd
 # references that may run a few thousand rows at a time (their teachers are not per-row data)
 CHUNKABLE_REFERENCES = {"cross_entropy", "cross_entropy_softcap"}
 LOSSES = {"ce": METHODS, "kd": KD_METHODS}
+
+
+# ---- GRPO (--loss grpo): DAPO normalization, token-level ratios, k3 KL to reference log-probs ----
+GRPO_SEQUENCE = 1024  # T; the N tokens are B = N / T sequences (one sequence of N tokens if N < T)
+_ROLLOUTS: dict = {}
+
+
+def grpo_rollout(targets):
+    """(token_ids, completion_mask, advantages, ref_logprobs) for a batch: the targets' ignored positions
+    (~10%) are the masked-out tokens; seeded advantages (B,) and reference log-probs (B, T). Cached."""
+    n = targets.shape[0]
+    t = GRPO_SEQUENCE if n % GRPO_SEQUENCE == 0 else n
+    key = (n, str(targets.device))
+    if key not in _ROLLOUTS:
+        _ROLLOUTS.clear()
+        gen = torch.Generator(device=targets.device).manual_seed(4321)
+        mask = (targets != IGNORE_INDEX).view(n // t, t)
+        ids = torch.where(mask, targets.view(n // t, t), 0)
+        advantages = torch.randn(n // t, generator=gen, device=targets.device)
+        ref = torch.randn(n // t, t, generator=gen, device=targets.device) - 12  # ~ log(1 / V) for a peaked model
+        _ROLLOUTS[key] = (ids, mask, advantages, ref)
+    return _ROLLOUTS[key]
+
+
+def unfused_grpo(hidden, weight, targets, reduction="mean", beta=0.04, epsilon=0.2):
+    """The unfused DAPO loss: full (N, V) logits, log-softmax, gather, TRL's per-token formula."""
+    ids, mask, advantages, ref = grpo_rollout(targets)
+    return _unfused_grpo(hidden, weight, ids, mask, advantages, ref, beta, epsilon)
+
+
+def _unfused_grpo(hidden, weight, ids, mask, advantages, ref, beta=0.04, epsilon=0.2):
+    b, t = ids.shape
+    logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32)).view(b, t, -1)
+    logp = logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    ratio = torch.exp(logp - logp.detach())
+    adv = advantages.unsqueeze(-1)
+    loss = -torch.minimum(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon) * adv)
+    delta = ref - logp
+    loss = loss + beta * (torch.exp(delta) - delta - 1)
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _make_grpo_compile():
+    compiled = torch.compile(_unfused_grpo)  # the rollout tensors are made outside the compiled code
+    return lambda hidden, weight, targets: compiled(hidden, weight, *grpo_rollout(targets))
+
+
+def _make_grpo_fused():
+    from lce_compile import linear_grpo_loss
+
+    def fused(hidden, weight, targets):
+        ids, mask, advantages, ref = grpo_rollout(targets)
+        return linear_grpo_loss(hidden.view(*ids.shape, -1), weight, ids, mask, advantages, ref_logprobs=ref,
+                                beta=0.04, loss_type="dapo")
+    return fused
+
+
+GRPO_METHODS = {
+    "eager": Method(lambda: unfused_grpo, "unfused GRPO (dapo): full logits, log_softmax, gather", loss="grpo"),
+    "compile": Method(_make_grpo_compile, "torch.compile of the unfused GRPO loss", default_on=("cuda",),
+                      compiles=True, loss="grpo"),
+    "fused": Method(_make_grpo_fused, "lce_compile.linear_grpo_loss(loss_type='dapo')", compiles=True, loss="grpo"),
+}
+REFERENCES["grpo"] = unfused_grpo
+LOSSES["grpo"] = GRPO_METHODS

@@ -25,10 +25,14 @@ SHAPES = {
     # --loss kd: the student's (N, D, V); the teacher is TEACHER_WIDTH x wider
     "kd-cpu": (1024, 256, 32768),
     "kd-qwen": (8192, 2048, 151936),
+    # --loss grpo: N tokens as N / 1024 sequences of 1024 completion tokens
+    "grpo-cpu": (2048, 256, 32768),
+    "grpo-qwen": (8192, 4096, 151936),
 }
 DEFAULT_SHAPES = {
     "ce": {"cpu": ["cpu-small", "cpu-large"], "cuda": ["gemma2-2b", "llama3-8b", "qwen2.5-7b", "gemma2-2b-32k"]},
     "kd": {"cpu": ["kd-cpu"], "cuda": ["kd-qwen"]},
+    "grpo": {"cpu": ["grpo-cpu"], "cuda": ["grpo-qwen"]},
 }
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 # Full-size steps before measuring: one eager step of cpu-large takes ~15 s on 2 cores, so the CPU
@@ -48,10 +52,12 @@ def parse_args(argv=None):
                + "".join(f"\nmethods, --loss {loss}:\n" + "\n".join(f"  {k:14s}{m.doc}" for k, m in methods.items())
                          for loss, methods in LOSSES.items())
                + f"\n--loss kd: forward KL to a teacher {TEACHER_WIDTH}x as wide as the student (D); the floor is "
-                 "the student's gradients")
+                 "the student's gradients\n--loss grpo: N tokens as N/1024 sequences of 1024 (or one of N), "
+                 "~10% masked out, beta=0.04")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--loss", default="ce", choices=tuple(LOSSES),
-                        help="ce: cross-entropy (default); kd: knowledge distillation, forward KL")
+                        help="ce: cross-entropy (default); kd: knowledge distillation, forward KL; grpo: GRPO "
+                             "(dapo) with a k3 KL term")
     parser.add_argument("--dtype", choices=DTYPES, help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--shapes", action="append", metavar="LIST",
                         help="comma-separated shape names and custom shapes, written NxDxV or N,D,V "
