@@ -103,3 +103,29 @@ def test_no_host_reads_in_the_chunk_loop(n):
         counts[validate] = counter.syncs
     assert counts[False] == 0
     assert counts[True] <= 2  # the one target-range check before the loop, whatever n is
+
+
+def test_distillation_and_grpo_inside_user_compile_fullgraph():
+    from lce_compile import linear_grpo_loss, linear_kd_loss
+    from reference import unfused_kd
+
+    hidden, weight, targets = make_inputs(300, 32, 501, seed=11)
+    t_hidden, t_weight, _ = make_inputs(300, 48, 501, seed=12)
+    opts = FusedOptions(chunk_size=128)
+    kd = torch.compile(lambda h, w: linear_kd_loss(h, w, t_hidden, t_weight, targets, kind="jsd", options=opts),
+                       fullgraph=True)
+    got = run(lambda h, w, t: kd(h, w), hidden, weight, targets)
+    gold = run(lambda h, w, t: unfused_kd(h, w, t_hidden.double(), t_weight.double(), t, kind="jsd"),
+               hidden, weight, targets, torch.float64)
+    for g, want in zip(got, gold):
+        torch.testing.assert_close(g.double(), want, rtol=1e-4, atol=1e-6)
+    gen = torch.Generator().manual_seed(13)
+    ids, mask = torch.randint(0, 501, (3, 100), generator=gen), torch.rand(3, 100, generator=gen) < 0.8
+    adv = torch.randn(3, generator=gen)
+
+    def grpo(h, w, t):
+        return linear_grpo_loss(h.view(3, 100, -1), w, ids, mask, adv, beta=0.0, options=opts)
+
+    compiled = torch.compile(grpo, fullgraph=True)
+    for got_c, want in zip(run(compiled, hidden, weight, targets), run(grpo, hidden, weight, targets)):
+        torch.testing.assert_close(got_c, want, rtol=1e-4, atol=1e-6)
