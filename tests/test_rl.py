@@ -192,7 +192,8 @@ def test_dpo_stats_and_module_form():
     torch.testing.assert_close(lp.double(), ref_logprobs(hidden, weight, ids, 0.5)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_no_n_by_v_tensor():
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_no_n_by_v_tensor(level):
     b, t, vocab, chunk = 8, 256, 4096, 32
     g = torch.Generator().manual_seed(7)
     hidden = torch.randn(b, t, 32, generator=g, requires_grad=True)
@@ -204,7 +205,7 @@ def test_no_n_by_v_tensor():
     opts = FusedOptions(chunk_size=chunk, compile=False)
     with AllocationTracker(inputs=(hidden, weight, ids, mask, adv, ref)) as tracker:
         loss, _ = linear_grpo_loss(hidden, weight, ids, mask, adv, ref_logprobs=ref, return_stats=True,
-                                   importance_sampling_level="sequence", options=opts)
+                                   importance_sampling_level=level, options=opts)
         loss.backward()
     n = b * t
     grads = hidden.grad.nbytes + weight.grad.nbytes

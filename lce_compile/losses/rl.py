@@ -28,6 +28,31 @@ def _logprob_rows(logits, token_ids, *, temperature=1.0, entropy=False):
     return torch.stack((logp, ent), dim=-1)
 
 
+def _grpo_rows(logits, token_ids, row_weight, advantages, old=None, ref=None, *, temperature=1.0, beta=0.0,
+               epsilon_low=0.2, epsilon_high=0.2, stats=False):
+    """One chunk of token-level GRPO: each row's weighted loss (C,), so that the engine differentiates the
+    chunk in the forward pass (three matmuls). ``row_weight`` holds the mask and the loss type's denominator."""
+    z = logits.float() / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    columns = torch.arange(z.shape[-1], device=z.device)
+    logp = torch.where(columns == token_ids.unsqueeze(-1), z, 0.0).sum(-1) - lse
+    ratio = torch.exp(logp - (logp.detach() if old is None else old))
+    loss = -torch.minimum(ratio * advantages, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages)
+    kl = None
+    if ref is not None:
+        delta = ref - logp
+        kl = torch.exp(delta) - delta - 1
+        if beta:
+            loss = loss + beta * kl
+    value = torch.where(row_weight != 0, loss * row_weight, 0.0)
+    if not stats:
+        return value
+    clipped = ((ratio < 1 - epsilon_low) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
+    entropy = lse - (torch.exp(z - lse.unsqueeze(-1)) * z).sum(-1)
+    aux = (clipped.float(), entropy) + (() if kl is None else (kl,))
+    return value, tuple(a.detach() for a in aux)
+
+
 def linear_token_logprobs(hidden, weight, token_ids, *, temperature: float = 1.0, return_entropy: bool = False,
                           bias=None, options: FusedOptions | None = None):
     r"""Log-probability of each chosen token under ``softmax(hidden @ weight.T / temperature)``, fused.
@@ -105,19 +130,26 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
         bias, options: as in :func:`linear_token_logprobs`.
     Returns:
         an fp32 scalar, or ``(loss, stats)``.
+    Token-level ratios make the loss a sum of per-row terms: the chunks are differentiated in the forward pass
+    (three matmuls). Sequence-level ratios go through :func:`linear_token_logprobs` (four).
     """
     name = "linear_grpo_loss"
     b, t = _check_sequences(name, hidden, token_ids, completion_mask)
     _check_grpo(name, advantages, old_logprobs, ref_logprobs, beta, epsilon_low, epsilon_high, loss_type,
                 importance_sampling_level, max_completion_length, b, t, hidden)
+    if importance_sampling_level == "token":
+        return _token_level_grpo(hidden, weight, token_ids, completion_mask, advantages, old_logprobs, ref_logprobs,
+                                 beta, epsilon_low, epsilon_high, loss_type, temperature, max_completion_length,
+                                 return_stats, bias, options)
+    # sequence level: a token's ratio depends on its whole sequence, which chunks may split. The loss is then
+    # plain PyTorch over the fused log-probabilities (whose chunks are recomputed in backward).
     out = linear_token_logprobs(hidden, weight, token_ids, temperature=temperature, return_entropy=return_stats,
                                 bias=bias, options=options)
     logp, entropy = out if return_stats else (out, None)
     mask = completion_mask.to(logp.dtype)
     old = logp.detach() if old_logprobs is None else old_logprobs.to(logp.dtype)
-    log_ratio = logp - old
-    if importance_sampling_level == "sequence":
-        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    log_ratio = (logp - old) * mask
+    log_ratio = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
     ratio = torch.exp(log_ratio)
     adv = advantages.to(logp.dtype).unsqueeze(-1)
     per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)
@@ -127,23 +159,55 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
         kl = torch.exp(delta) - delta - 1
         if beta:
             per_token = per_token + beta * kl
-    per_token = per_token * mask
-    if loss_type == "grpo":
-        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    elif loss_type == "dr_grpo":
-        loss = per_token.sum() / (b * (max_completion_length or t))
-    else:  # bnpo, dapo
-        loss = per_token.sum() / mask.sum().clamp(min=1)
+    loss = (per_token * mask * _grpo_row_weight(mask, loss_type, max_completion_length)).sum()
     if not return_stats:
         return loss
-    tokens = mask.sum().clamp(min=1)
     with torch.no_grad():
         clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
-        stats = {"clip_ratio": (clipped.expand_as(mask) * mask).sum() / tokens,
-                 "entropy": (entropy * mask).sum() / tokens}
-        if kl is not None:
-            stats["kl"] = (kl * mask).sum() / tokens
-    return loss, stats
+        return loss, _grpo_stats(mask, clipped.expand_as(mask).float(), entropy, kl)
+
+
+def _grpo_row_weight(mask, loss_type, max_completion_length):
+    """(B, T) weight of each token's loss in the loss type's normalization (0 where the mask is 0)."""
+    b, t = mask.shape
+    if loss_type == "grpo":  # mean over sequences of each sequence's mean
+        return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * b)
+    if loss_type == "dr_grpo":
+        return mask / (b * (max_completion_length or t))
+    return mask / mask.sum().clamp(min=1)  # bnpo, dapo
+
+
+def _grpo_stats(mask, clipped, entropy, kl):
+    tokens = mask.sum().clamp(min=1)
+    stats = {"clip_ratio": (clipped * mask).sum() / tokens, "entropy": (entropy * mask).sum() / tokens}
+    if kl is not None:
+        stats["kl"] = (kl * mask).sum() / tokens
+    return stats
+
+
+def _token_level_grpo(hidden, weight, token_ids, completion_mask, advantages, old_logprobs, ref_logprobs, beta,
+                      epsilon_low, epsilon_high, loss_type, temperature, max_completion_length, return_stats, bias,
+                      options):
+    name = "linear_grpo_loss"
+    options = options or DEFAULT_OPTIONS
+    checks.check_head(name, hidden, weight, bias)
+    checks.check_targets(name, token_ids, hidden, weight.shape[0], None, options.validate, arg="token_ids")
+    _check_temperature(name, temperature)
+    mask = completion_mask.float()
+    row_weight = _grpo_row_weight(mask, loss_type, max_completion_length)
+    rows = (token_ids.long(), row_weight, advantages.float().unsqueeze(-1).expand_as(mask))
+    keys = tuple(k for k, v in (("old", old_logprobs), ("ref", ref_logprobs)) if v is not None)
+    rows += tuple(v.float() for v in (old_logprobs, ref_logprobs) if v is not None)
+    static = {"temperature": temperature, "beta": beta, "epsilon_low": epsilon_low, "epsilon_high": epsilon_high,
+              "stats": return_stats}
+    aux_keys = ("clipped", "entropy") + (("kl",) if ref_logprobs is not None else ()) if return_stats else ()
+    plan = Plan(name, _grpo_rows, "rows", "sum", static, options, row_keys=keys, aux_keys=aux_keys)
+    out = fused_call(plan, hidden, weight, bias, rows)
+    if not return_stats:
+        return out
+    loss, aux = out
+    aux = dict(zip(aux_keys, aux))
+    return loss, _grpo_stats(mask, aux["clipped"], aux["entropy"], aux.get("kl"))
 
 
 def linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, *, beta: float = 0.1,
