@@ -18,9 +18,10 @@ def _kd_rows(logits, teacher_logits, targets=None, *, kind="forward_kl", beta=0.
              temperature_squared=False, ignore_index=-100, hard_weight=0.0):
     """One chunk: student and teacher logits (C, V) -> per-row loss (C,) in fp32; ignored rows give 0.
 
-    The KLs are written with each head's logsumexp, KL(p || q) = sum p * (x_p - x_q) - lse_p + lse_q, so that
-    every (C, V) quantity is recomputed from the two logits chunks inside fused kernels: no fp32 (C, V)
-    buffer is stored between passes.
+    The KLs are written with each head's logsumexp, KL(p || q) = sum p * (x_p - x_q) - lse_p + lse_q, with
+    no log-probability tensors. Inductor still stores one fp32 (C, V) buffer for the forward KL (the teacher's
+    probabilities, read by the loss pass and by the gradient pass) and four for the JSD, as it did for the
+    log-softmax form (read from its generated CPU code; docs/benchmarks.md).
     """
     student = logits.float()
     s = student / temperature
