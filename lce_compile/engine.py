@@ -263,7 +263,7 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
                 policy.add_product_(grad_w, logits.t(), hidden_c, first=k == 0)
             if want_b:
                 grad_b += dbias
-            del logits  # before the next chunk's buffer is allocated
+            del logits, rows_c  # before the next chunk's buffers are allocated (a teacher's logits too)
     values = torch.cat(pieces) if plan.reduction == "none" else total
     aux = tuple(torch.cat(bucket) for bucket in aux_pieces)
     return (values, out_dtype), aux, (grad_h, grad_w, grad_b)
