@@ -177,5 +177,7 @@ def test_distillation_bf16_errors_and_memory(kind):
     step()
     h.grad = w.grad = None
     extra = _peak_above_inputs(step) - h.grad.nbytes - w.grad.nbytes
-    # the student's chunk (overwritten by its gradient) and the teacher's: two bf16 (C, V) buffers
-    assert extra <= 2 * chunk * vocab * 2 + (8 << 20), f"{extra / 2**20:.1f} MiB over the gradients"
+    # the student's chunk (overwritten by its gradient) and the teacher's: two bf16 (C, V) buffers, and for the
+    # JSD the fp32 log of the mixture, which Inductor stores between its two sums
+    bound = 2 * chunk * vocab * 2 + (chunk * vocab * 4 if kind == "jsd" else 0) + (8 << 20)
+    assert extra <= bound, f"{extra / 2**20:.1f} MiB over the gradients"

@@ -14,29 +14,76 @@ _NAME = "linear_kd_loss"
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
+_LOG2E = 1 / math.log(2)
+
+
+class _SoftLoss(torch.autograd.Function):
+    """Per-row forward KL, reverse KL or JSD of tempered student logits ``s`` against teacher logits ``t``
+    (C, V), with a hand-written gradient for ``s``.
+
+    Differentiated by autograd, the probabilities a KL's loss pass computes are needed again by its gradient
+    pass, and Inductor then stores them as fp32 (C, V) buffers (one for the forward KL, four for the JSD, read
+    from its generated CPU code). Here backward recomputes them from the logits and two row scalars, with
+    ``exp2`` so that they are not merged with the forward's ``exp``. The generated code then stores no
+    (C, V) buffer for the KLs, and one for the JSD (the mixture's log, read by its two sums).
+    """
+
+    @staticmethod
+    def forward(s, t, kind, beta):
+        lse_s, lse_t = torch.logsumexp(s, -1, keepdim=True), torch.logsumexp(t, -1, keepdim=True)
+        log_s, log_t = s - lse_s, t - lse_t
+        if kind == "forward_kl":
+            value = (log_t.exp() * (log_t - log_s)).sum(-1)
+            row = value.clone()  # a distinct output (torch.compile cannot wire one tensor returned twice)
+        elif kind == "reverse_kl":
+            value = (log_s.exp() * (log_s - log_t)).sum(-1)
+            row = value.clone()
+        else:  # m = beta * p_t + (1 - beta) * p_s, in log space
+            log_m = _log_mixture(log_s, log_t, beta)
+            row = (log_s.exp() * (log_s - log_m)).sum(-1)  # KL(p_s || m)
+            value = beta * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - beta) * row
+        return value, lse_s, lse_t, row
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        s, t, kind, beta = inputs
+        _, lse_s, lse_t, row = output
+        ctx.kind, ctx.beta = kind, beta
+        ctx.mark_non_differentiable(lse_s, lse_t, row)
+        ctx.save_for_backward(s, t, lse_s, lse_t, row)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        s, t, lse_s, lse_t, row = ctx.saved_tensors
+        log_s, log_t = s - lse_s, t - lse_t
+        p_s = torch.exp2(log_s * _LOG2E)
+        if ctx.kind == "forward_kl":    # d/ds KL(p_t || p_s) = p_s - p_t
+            grad_s = p_s - torch.exp2(log_t * _LOG2E)
+        elif ctx.kind == "reverse_kl":  # p_s * (log p_s - log p_t - KL(p_s || p_t))
+            grad_s = p_s * (log_s - log_t - row.unsqueeze(-1))
+        else:                           # (1 - beta) * p_s * (log p_s - log m - KL(p_s || m))
+            log_m = _log_mixture(log_s, log_t, ctx.beta, unmerged=True)
+            grad_s = (1 - ctx.beta) * p_s * (log_s - log_m - row.unsqueeze(-1))
+        return grad.unsqueeze(-1) * grad_s, None, None, None
+
+
+def _log_mixture(log_s, log_t, beta, unmerged=False):
+    """log(beta * p_t + (1 - beta) * p_s). ``unmerged``: the same value written with other ops than
+    ``logaddexp``, so that backward's copy is not merged with (and then stored from) the forward's."""
+    log_beta = math.log(beta) if beta > 0 else -math.inf
+    log_rest = math.log1p(-beta) if beta < 1 else -math.inf
+    a, b = log_t + log_beta, log_s + log_rest
+    if not unmerged:
+        return torch.logaddexp(a, b)
+    high = torch.maximum(a, b)
+    return high + torch.log1p(torch.exp2(-(a - b).abs() * _LOG2E))
+
+
 def _kd_rows(logits, teacher_logits, targets=None, *, kind="forward_kl", beta=0.5, temperature=1.0,
              temperature_squared=False, ignore_index=-100, hard_weight=0.0):
-    """One chunk: student and teacher logits (C, V) -> per-row loss (C,) in fp32; ignored rows give 0.
-
-    The KLs are written with each head's logsumexp, KL(p || q) = sum p * (x_p - x_q) - lse_p + lse_q, with
-    no log-probability tensors. Inductor still stores one fp32 (C, V) buffer for the forward KL (the teacher's
-    probabilities, read by the loss pass and by the gradient pass) and four for the JSD, as it did for the
-    log-softmax form (read from its generated CPU code; docs/benchmarks.md).
-    """
+    """One chunk: student and teacher logits (C, V) -> per-row loss (C,) in fp32; ignored rows give 0."""
     student = logits.float()
-    s = student / temperature
-    t = teacher_logits.float() / temperature
-    lse_s, lse_t = torch.logsumexp(s, dim=-1, keepdim=True), torch.logsumexp(t, dim=-1, keepdim=True)
-    if kind == "forward_kl":
-        soft = ((t - lse_t).exp() * (t - s)).sum(-1) - lse_t[:, 0] + lse_s[:, 0]
-    elif kind == "reverse_kl":
-        soft = ((s - lse_s).exp() * (s - t)).sum(-1) - lse_s[:, 0] + lse_t[:, 0]
-    else:  # m = beta * p_teacher + (1 - beta) * p_student, in log space
-        log_s, log_t = s - lse_s, t - lse_t
-        log_beta = math.log(beta) if beta > 0 else -math.inf
-        log_rest = math.log1p(-beta) if beta < 1 else -math.inf
-        log_m = torch.logaddexp(log_t + log_beta, log_s + log_rest)
-        soft = (beta * log_t.exp() * (log_t - log_m) + (1 - beta) * log_s.exp() * (log_s - log_m)).sum(-1)
+    soft = _SoftLoss.apply(student / temperature, teacher_logits.float() / temperature, kind, beta)[0]
     if temperature_squared:
         soft = soft * temperature ** 2
     loss = soft
