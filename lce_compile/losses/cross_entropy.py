@@ -41,6 +41,20 @@ class AuxOutput(NamedTuple):
     correct: Optional[torch.Tensor] = None
 
 
+def target_log_prob(z, targets):
+    """(log softmax(z)[target], logsumexp(z)) per row of fp32 logits ``z`` (C, V).
+
+    The target logit is a masked sum rather than a gather: it fuses into the same pass over the vocabulary as
+    the logsumexp, and its gradient is elementwise (a gather's is a scatter into a (C, V) buffer).
+    Out-of-range targets (unchecked, ``validate=False``, or ignored rows) give NaN, never a plausible number.
+    """
+    lse = torch.logsumexp(z, dim=-1)
+    columns = torch.arange(z.shape[-1], device=z.device)
+    picked = torch.where(columns == targets.unsqueeze(-1), z, 0.0).sum(-1)
+    in_range = (targets >= 0) & (targets < z.shape[-1])
+    return torch.where(in_range, picked - lse, float("nan")), lse
+
+
 def _ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoothing=0.0, softcap=None,
              z_loss=0.0, aux_keys=()):
     """One chunk: logits (C, V) -> per-row loss (C,) in fp32, plus requested aux. Ignored rows give 0."""
@@ -50,15 +64,9 @@ def _ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smo
     kept = targets != ignore_index
     lse = None
     if class_weight is None and not label_smoothing:
-        # lse - z[target], with one logsumexp that z-loss and the lse statistic share. The target logit is
-        # a masked sum rather than a gather: it fuses into the same pass over the vocabulary, and its
-        # gradient is elementwise (a gather's is a scatter into a (C, V) buffer).
-        lse = torch.logsumexp(z, dim=-1)
-        columns = torch.arange(z.shape[-1], device=z.device)
-        picked = torch.where(columns == targets.unsqueeze(-1), z, 0.0).sum(-1)
-        # unchecked (validate=False) out-of-range targets: NaN, never a plausible number
-        in_range = (targets >= 0) & (targets < z.shape[-1])
-        loss = torch.where(kept, torch.where(in_range, lse - picked, float("nan")), 0.0)
+        # one logsumexp, which z-loss and the lse statistic share
+        logp, lse = target_log_prob(z, targets)
+        loss = torch.where(kept, -logp, 0.0)
     else:
         weight = None if class_weight is None else class_weight.to(z.dtype)  # F.cross_entropy wants one dtype
         loss = F.cross_entropy(z, targets, weight=weight, ignore_index=ignore_index, reduction="none",

@@ -9,6 +9,7 @@ from torch import nn
 from .. import checks
 from ..engine import Head, Plan, fused_call
 from ..policy import DEFAULT_OPTIONS, FusedOptions
+from .cross_entropy import target_log_prob
 
 _NAME = "linear_kd_loss"
 KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -88,11 +89,7 @@ def _kd_rows(logits, teacher_logits, targets=None, *, kind="forward_kl", beta=0.
         soft = soft * temperature ** 2
     loss = soft
     if hard_weight:
-        lse = torch.logsumexp(student, dim=-1)
-        columns = torch.arange(student.shape[-1], device=student.device)
-        picked = torch.where(columns == targets.unsqueeze(-1), student, 0.0).sum(-1)
-        in_range = (targets >= 0) & (targets < student.shape[-1])  # unchecked (validate=False): NaN
-        hard = torch.where(in_range, lse - picked, float("nan"))
+        hard = -target_log_prob(student, targets)[0]
         loss = (1 - hard_weight) * soft + hard_weight * hard
     if targets is None:
         return loss

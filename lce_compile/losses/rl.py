@@ -8,6 +8,7 @@ from torch import nn
 from .. import checks
 from ..engine import Plan, fused_call
 from ..policy import DEFAULT_OPTIONS, FusedOptions
+from .cross_entropy import target_log_prob
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 LEVELS = ("token", "sequence")
@@ -16,11 +17,7 @@ LEVELS = ("token", "sequence")
 def _logprob_rows(logits, token_ids, *, temperature=1.0, entropy=False):
     """One chunk: log p(token) under softmax(logits / T), (C,), or (C, 2) with the row's entropy too."""
     z = logits.float() / temperature
-    lse = torch.logsumexp(z, dim=-1)
-    columns = torch.arange(z.shape[-1], device=z.device)
-    picked = torch.where(columns == token_ids.unsqueeze(-1), z, 0.0).sum(-1)
-    in_range = (token_ids >= 0) & (token_ids < z.shape[-1])  # unchecked (validate=False): NaN
-    logp = torch.where(in_range, picked - lse, float("nan"))
+    logp, lse = target_log_prob(z, token_ids)
     if not entropy:
         return logp
     # H = lse - sum p z: no (C, V) log-probability tensor is formed
@@ -33,9 +30,7 @@ def _grpo_rows(logits, token_ids, row_weight, advantages, old=None, ref=None, *,
     """One chunk of token-level GRPO: each row's weighted loss (C,), so that the engine differentiates the
     chunk in the forward pass (three matmuls). ``row_weight`` holds the mask and the loss type's denominator."""
     z = logits.float() / temperature
-    lse = torch.logsumexp(z, dim=-1)
-    columns = torch.arange(z.shape[-1], device=z.device)
-    logp = torch.where(columns == token_ids.unsqueeze(-1), z, 0.0).sum(-1) - lse
+    logp, lse = target_log_prob(z, token_ids)
     ratio = torch.exp(logp - (logp.detach() if old is None else old))
     loss = -torch.minimum(ratio * advantages, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages)
     kl = None
