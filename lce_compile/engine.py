@@ -177,7 +177,7 @@ def _traced_forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_w
     """The values of ``_chunk_loop``, differentiable, for tracing by torch.compile."""
     kwargs = dict(plan.kwargs, **dict(zip(plan.tensor_keys, tensor_kwargs)))
     total, pieces, aux_pieces = hidden.new_zeros((), dtype=accumulation_dtype(hidden)), [], []
-    chunk = policy.chunk_rows(weight, hidden.shape[1], hidden.device, plan.options, _buffers(row_inputs))
+    chunk = policy.chunk_rows(weight, plan.options, _buffers(row_inputs))
     for start, end in policy.chunk_bounds(hidden.shape[0], chunk):
         rows_c = _rows(row_inputs, start, end)  # frozen heads' logits are computed (and recomputed) inside
         value, aux = checkpoint(_chunk_values, plan.fn, kwargs, plan.row_keys, hidden[start:end], weight, bias,
@@ -236,7 +236,7 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if want_b else None
     total = hidden.new_zeros((), dtype=acc)
     pieces, aux_pieces, out_dtype = [], [[] for _ in plan.aux_keys], None
-    chunk = policy.chunk_rows(weight, hidden.shape[1], hidden.device, plan.options, _buffers(row_inputs))
+    chunk = policy.chunk_rows(weight, plan.options, _buffers(row_inputs))
     compiled = policy.wants_compile(hidden.device, plan.options, n * vocab)
     with policy.compile_context(compiled):
         for k, (start, end) in enumerate(policy.chunk_bounds(n, chunk)):

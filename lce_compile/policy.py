@@ -66,19 +66,18 @@ class FusedOptions:
 DEFAULT_OPTIONS = FusedOptions()
 
 
-def chunk_rows(weight: torch.Tensor, dim: int, device: torch.device, options: FusedOptions,
-               buffers: int = 1) -> int:
-    """Rows per chunk: fixed per (weight shape and dtype, device), never a function of the number of tokens.
+def chunk_rows(weight: torch.Tensor, options: FusedOptions, buffers: int = 1) -> int:
+    """Rows per chunk: fixed per weight (shape, dtype, device), never a function of the number of tokens.
 
     ``buffers``: (C, V) logits buffers per chunk (1, plus one per frozen head such as a teacher's); the
     memory budget is shared among them.
     """
     if options.chunk_size is not None:
         return options.chunk_size
-    if device.type == "cpu" and options.chunk_memory is None:
+    if weight.device.type == "cpu" and options.chunk_memory is None:
         # D / 4 rows: the chunk's working set (1-2 fp32 (C, V) buffers and ~20 MiB) stays within half the
         # fp32 weight gradient (V * D * 4 bytes), and 128-256 rows keep CPU matmuls near their full speed.
-        return max(16, min(256, max(64, dim // 4)) // buffers // 16 * 16)
+        return max(16, min(256, max(64, weight.shape[1] // 4)) // buffers // 16 * 16)
     memory = options.chunk_memory if options.chunk_memory is not None else _CHUNK_MEMORY
     row_bytes = max(weight.shape[0], 1) * weight.element_size() * buffers
     budget = min(memory * weight.numel() * weight.element_size(), _MAX_CHUNK_BYTES)
