@@ -72,10 +72,7 @@ def linear_token_logprobs(hidden, weight, token_ids, *, temperature: float = 1.0
     Memory: the gradients plus one ``(C, V)`` chunk; never ``(N, V)``.
     """
     name = "linear_token_logprobs"
-    options = options or DEFAULT_OPTIONS
-    checks.check_head(name, hidden, weight, bias)
-    checks.check_targets(name, token_ids, hidden, weight.shape[0], None, options.validate, arg="token_ids")
-    _check_temperature(name, temperature)
+    options = _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options)
     plan = Plan(name, _logprob_rows, "rows", "none", {"temperature": temperature, "entropy": return_entropy},
                 options, row_shape=(2,) if return_entropy else ())
     out = fused_call(plan, hidden, weight, bias, (token_ids.long(),))
@@ -184,10 +181,7 @@ def _token_level_grpo(hidden, weight, token_ids, completion_mask, advantages, ol
                       epsilon_low, epsilon_high, loss_type, temperature, max_completion_length, return_stats, bias,
                       options):
     name = "linear_grpo_loss"
-    options = options or DEFAULT_OPTIONS
-    checks.check_head(name, hidden, weight, bias)
-    checks.check_targets(name, token_ids, hidden, weight.shape[0], None, options.validate, arg="token_ids")
-    _check_temperature(name, temperature)
+    options = _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options)
     mask = completion_mask.float()
     row_weight = _grpo_row_weight(mask, loss_type, max_completion_length)
     rows = (token_ids.long(), row_weight, advantages.float().unsqueeze(-1).expand_as(mask))
@@ -257,6 +251,15 @@ def linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, *,
     stats = {"chosen_rewards": chosen.detach(), "rejected_rewards": rejected.detach(),
              "reward_accuracy": (chosen > rejected).float().mean().detach()}
     return loss, stats
+
+
+def _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options) -> FusedOptions:
+    """The head, token ids in [0, V) and the temperature; returns the options to use."""
+    options = options or DEFAULT_OPTIONS
+    checks.check_head(name, hidden, weight, bias)
+    checks.check_targets(name, token_ids, hidden, weight.shape[0], None, options.validate, arg="token_ids")
+    _check_temperature(name, temperature)
+    return options
 
 
 def _check_temperature(name, temperature):
