@@ -69,6 +69,10 @@ def _setup(task):
     return device, hidden.requires_grad_(), weight.requires_grad_(), targets
 
 
+def _method(task, name):
+    return LOSSES[task.get("loss", "ce")][name]
+
+
 def _warm_up(fn, method, hidden, weight, targets, full_runs):
     """Warm up tiny (code pages, lazy init), or full-size when the method compiles at its first full call."""
     if full_runs and (method.compiles or hidden.device.type == "cuda"):
@@ -92,7 +96,7 @@ def _cpu(task):
     # small allocations slower, which can only understate a chunked method's speed.
     ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 65536)
     _, hidden, weight, targets = _setup(task)
-    method = LOSSES[task.get("loss", "ce")][task["method"]]
+    method = _method(task, task["method"])
     fn = method.make()
     _warm_up(fn, method, hidden, weight, targets, full_runs=task["warmup"])
     base = _proc_status_kib("VmRSS")
@@ -121,7 +125,7 @@ def _cuda(task):
     """CUDA: the first step (compilation included), peak allocated memory of one step above the inputs,
     the median of timed steps; then the same for the forward pass alone, under ``torch.no_grad()``."""
     device, hidden, weight, targets = _setup(task)
-    method = LOSSES[task.get("loss", "ce")][task["method"]]
+    method = _method(task, task["method"])
     fn = method.make()
     # no tiny warm-up: a compiled method would compile for it and again (with dynamic shapes) for N
     torch.cuda.synchronize(device)
@@ -129,7 +133,9 @@ def _cuda(task):
     step(fn, hidden, weight, targets)
     torch.cuda.synchronize(device)
     first_call = time.perf_counter() - start
-    _warm_up(fn, method, hidden, weight, targets, full_runs=task["warmup"] - 1)
+    for _ in range(task["warmup"] - 1):
+        step(fn, hidden, weight, targets)
+    hidden.grad = weight.grad = None  # the peak is measured above the inputs alone
     peak, times = _cuda_timed(lambda: step(fn, hidden, weight, targets), device, task["repeat"])
     with torch.no_grad():
         for _ in range(2):
@@ -170,7 +176,7 @@ def _errors(task):
         hidden, targets = hidden[:ERROR_ROWS], targets[:ERROR_ROWS]
     golds, out = {}, {}  # golds: loss name -> (loss, grad_hidden, grad_weight)
     for name in task["methods"]:
-        method = LOSSES[task.get("loss", "ce")][name]
+        method = _method(task, name)
         try:
             if method.loss not in golds:
                 rows = REFERENCE_ROWS if method.loss in CHUNKABLE_REFERENCES else hidden.shape[0]
