@@ -238,7 +238,7 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
     pieces, aux_pieces, out_dtype = [], [[] for _ in plan.aux_keys], None
     chunk = policy.chunk_rows(weight, plan.options, _buffers(row_inputs))
     compiled = policy.wants_compile(hidden.device, plan.options, n * vocab)
-    with policy.compile_context(compiled):
+    with policy.compile_context(compiled), policy.fp32_reductions(hidden.device):
         for k, (start, end) in enumerate(policy.chunk_bounds(n, chunk)):
             hidden_c, rows_c = hidden[start:end], _materialize(_rows(row_inputs, start, end))
             cot = cotangent if cotangent is None or cotangent.dim() == 0 else cotangent[start:end]

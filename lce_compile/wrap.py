@@ -14,18 +14,22 @@ from .policy import DEFAULT_OPTIONS, FusedOptions
 _RETURNS = ("rows", "sum", "mean")
 
 
-def fused_loss(fn=None, /, *, returns: str = "rows", mean_over=None, options: FusedOptions | None = None):
+def fused_loss(fn=None, /, *, returns: str = "rows", mean_over=None, upcast: bool = True,
+               options: FusedOptions | None = None):
     r"""Make ``fn(logits, targets, ...)`` a fused loss ``f(hidden, weight, targets, ...)``.
 
     ``fused_loss(fn)(hidden, weight, *row_inputs, bias=None, options=None, **kwargs)`` equals, up to float
     rounding, in value and gradients::
 
-        logits = hidden.flatten(0, -2) @ weight.T + bias          # (N, V), never materialized
+        logits = (hidden.flatten(0, -2) @ weight.T + bias).float()  # (N, V), never materialized
         out = fn(logits, *(r.flatten(0, hidden.dim() - 2) for r in row_inputs), **kwargs)
         # per-row results come back in hidden's leading shape
 
-    The logits are computed and differentiated one chunk of rows at a time; ``fn`` sees ``(C, V)`` logits
-    in the input dtype and the matching ``(C, ...)`` rows of every positional tensor after ``weight``.
+    The logits are computed and differentiated one chunk of rows at a time; ``fn`` sees ``(C, V)`` fp32
+    logits (as Hugging Face's causal-LM loss, torchtune and torchtitan upcast them before their
+    cross-entropy; fp64 stays fp64; ``upcast=False`` keeps the matmul's dtype, ``.float()`` dropped above)
+    and the matching ``(C, ...)`` rows of every positional tensor after ``weight``. The matmul itself runs in
+    the inputs' dtype, and the upcast fuses into ``fn``'s first pass over the chunk.
     A keyword tensor with hidden's leading shape is split by rows too; every other keyword argument
     reaches every chunk unchanged (to pass a global tensor of that shape, bind it with
     ``functools.partial``). ``bias`` and ``options`` are the fused call's own.
@@ -42,12 +46,15 @@ def fused_loss(fn=None, /, *, returns: str = "rows", mean_over=None, options: Fu
 
     Known functions: ``F.cross_entropy`` and ``F.nll_loss`` are understood without a declaration, with
     every keyword (``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``): ``"mean"`` is the
-    global mean over kept tokens weighted by the class weights, as in PyTorch.
+    global mean over kept tokens weighted by the class weights, as in PyTorch. Their class ``weight`` is
+    cast to the logits' dtype, so an fp32 ``weight`` works beside bf16 inputs.
 
     Args:
         fn: the loss, ``fn(logits (C, V), *row_inputs (C, ...), **kwargs)``. Rows must be independent.
         returns (str): ``"rows"`` | ``"sum"`` | ``"mean"``; see above.
         mean_over (callable, optional): row weights of a ``returns="mean"`` function.
+        upcast (bool): hand ``fn`` fp32 logits (default); ``False`` hands it the matmul's dtype (bf16 logits
+            for bf16 inputs: less memory traffic, but a bf16 loss ~100x less precise for a cross-entropy).
         options (FusedOptions, optional): engine knobs; a call's ``options=`` overrides them.
     Returns:
         a callable ``(hidden (..., D), weight (V, D), *row_inputs, bias=None, options=None, **kwargs)``.
@@ -58,14 +65,14 @@ def fused_loss(fn=None, /, *, returns: str = "rows", mean_over=None, options: Fu
         ``NotImplementedError``. Row inputs must have hidden's leading shape (``ValueError`` otherwise).
     """
     if fn is None:
-        return functools.partial(fused_loss, returns=returns, mean_over=mean_over, options=options)
-    return FusedLoss(fn, returns=returns, mean_over=mean_over, options=options)
+        return functools.partial(fused_loss, returns=returns, mean_over=mean_over, upcast=upcast, options=options)
+    return FusedLoss(fn, returns=returns, mean_over=mean_over, upcast=upcast, options=options)
 
 
 class FusedLoss:
     """The callable ``fused_loss(fn)`` returns; see :func:`fused_loss`."""
 
-    def __init__(self, fn, *, returns="rows", mean_over=None, options=None):
+    def __init__(self, fn, *, returns="rows", mean_over=None, upcast=True, options=None):
         if not callable(fn):
             raise TypeError(f"fused_loss: fn must be callable, got {type(fn).__name__}.")
         if returns not in _RETURNS:
@@ -74,7 +81,11 @@ class FusedLoss:
             raise ValueError(f"fused_loss: mean_over applies to returns='mean' only, got returns={returns!r}.")
         if options is not None and not isinstance(options, FusedOptions):
             raise TypeError(f"fused_loss: options must be FusedOptions, got {type(options).__name__}.")
-        self.fn, self.returns, self.mean_over, self.options = fn, returns, mean_over, options
+        if not isinstance(upcast, bool):
+            raise TypeError(f"fused_loss: upcast must be a bool, got {upcast!r}.")
+        self.fn, self.returns, self.mean_over, self.upcast, self.options = fn, returns, mean_over, upcast, options
+        # the function the engine runs on each chunk: one object per (fn, upcast), so compiled steps are reused
+        self.row_fn = _upcasting(fn) if upcast else fn
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
         self.__doc__, self.__wrapped__ = fn.__doc__, fn  # not functools.update_wrapper: dynamo can't trace it
         self.name = f"fused_loss({self.__name__})"
@@ -112,7 +123,7 @@ class FusedLoss:
             row_weight = self.mean_over(*row_inputs)
             checks.check_rows(self.name, "mean_over(...)", row_weight, hidden)
         reduction = {"rows": "none", "sum": "sum", "mean": "mean"}[self.returns]
-        plan = Plan(self.name, self.fn, self.returns, reduction, static, options, tuple(tensors), tuple(row_kw))
+        plan = Plan(self.name, self.row_fn, self.returns, reduction, static, options, tuple(tensors), tuple(row_kw))
         return fused_call(plan, hidden, weight, bias, (*row_inputs, *row_kw.values()), tuple(tensors.values()),
                           row_weight)
 
@@ -148,10 +159,31 @@ def _class_index_form(self, hidden, weight, bias, row_inputs, kwargs, options):
     static = {"ignore_index": ignore_index, "reduction": "none"}
     if "label_smoothing" in args:
         static["label_smoothing"] = args["label_smoothing"]
-    tensors = {} if class_weight is None else {"weight": class_weight}
     row_weight = kept_row_weight(targets, ignore_index, class_weight) if reduction == "mean" else None
-    plan = Plan(self.name, fn, "rows", reduction, static, options, tuple(tensors))
+    if class_weight is not None:  # F.cross_entropy wants the logits' dtype
+        logits_dtype = torch.promote_types(hidden.dtype, torch.float32) if self.upcast else hidden.dtype
+        class_weight = class_weight.to(logits_dtype)
+    tensors = {} if class_weight is None else {"weight": class_weight}
+    plan = Plan(self.name, self.row_fn, "rows", reduction, static, options, tuple(tensors))
     return fused_call(plan, hidden, weight, bias, (targets.long(),), tuple(tensors.values()), row_weight)
 
 
 _KNOWN = {F.cross_entropy: _class_index_form, F.nll_loss: _class_index_form}
+
+
+def _upcasting(fn):
+    """``fn`` on fp32 logits (fp64 stays fp64); cached, so that one ``fn`` is one object to torch.compile."""
+    try:
+        return _upcasting_cached(fn)
+    except TypeError:  # an unhashable callable
+        return _upcast_wrapper(fn)
+
+
+def _upcast_wrapper(fn):
+    def upcast(logits, *row_inputs, **kwargs):
+        return fn(logits.to(torch.promote_types(logits.dtype, torch.float32)), *row_inputs, **kwargs)
+    upcast.__name__ = getattr(fn, "__name__", type(fn).__name__)
+    return upcast
+
+
+_upcasting_cached = functools.cache(_upcast_wrapper)

@@ -20,11 +20,13 @@ CE_KWARGS = [
 ]
 
 
-def _unfused(fn):
-    """fn applied to the full (N, V) logits, the result in targets' shape for per-row outputs."""
+def _unfused(fn, upcast=True):
+    """fn applied to the full (N, V) logits (upcast to fp32, as fused_loss does by default), the result in
+    targets' shape for per-row outputs."""
     def call(h, w, *rows, bias=None, **kw):
         logits = h.flatten(0, -2) @ w.T
         logits = logits if bias is None else logits + bias
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) if upcast else logits
         per_row = {k: v.flatten(0, h.dim() - 2) for k, v in kw.items()
                    if isinstance(v, torch.Tensor) and v.shape[: h.dim() - 1] == h.shape[:-1]}
         out = fn(logits, *(r.flatten(0, h.dim() - 2) for r in rows), **{**kw, **per_row})
@@ -66,20 +68,35 @@ def test_positional_class_weight_and_legacy_reduction_keywords():
     torch.testing.assert_close(fused_loss(F.cross_entropy)(hidden, weight, targets, size_average=False), want)
 
 
+@pytest.mark.parametrize("upcast", [True, False], ids=["fp32_logits", "matmul_dtype_logits"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_generic_low_precision_is_no_less_accurate(dtype):
-    """fused_loss(F.cross_entropy) on bf16/fp16 logits, against the same call on unfused logits."""
+def test_generic_low_precision_is_no_less_accurate(dtype, upcast):
+    """fused_loss(F.cross_entropy) on bf16/fp16 inputs, against the same call on unfused logits: by default
+    fn((h @ w.T).float(), ...), an fp32 loss; with upcast=False fn(h @ w.T, ...) in the inputs' dtype."""
     hidden, weight, targets = make_inputs(1200, 48, 2053, seed=8)
-    fused = fused_loss(F.cross_entropy, options=FusedOptions(chunk_size=256))
-    ce = _unfused(F.cross_entropy)
+    fused = fused_loss(F.cross_entropy, upcast=upcast, options=FusedOptions(chunk_size=256))
+    ce = _unfused(F.cross_entropy, upcast=upcast)
     gold = run(ce, hidden, weight, targets, torch.float64)
     ref = run(ce, hidden, weight, targets, dtype)
     out = run(fused, hidden, weight, targets, dtype)
+    assert out[0].dtype == ref[0].dtype == (torch.float32 if upcast else dtype)
     for name, g, r, o in zip(("loss", "grad_hidden", "grad_weight"), gold, ref, out):
-        assert o.dtype == r.dtype == dtype
+        assert o.dtype == r.dtype
         err, ref_err = (o.double() - g).abs().mean(), (r.double() - g).abs().mean()
         noise = 16 * torch.finfo(torch.float32).eps * g.abs().mean()
         assert err <= 1.1 * ref_err + noise, f"{name}: {err:.2e} > 1.1 x unfused {ref_err:.2e}"
+
+
+def test_generic_fp32_class_weight_beside_bf16_inputs():
+    """fused_loss(F.cross_entropy)(h_bf16, w_bf16, t, weight=w_fp32) runs and equals the unfused fp32-logit call."""
+    hidden, weight, targets = make_inputs(300, 32, 517, seed=12)
+    class_weight = torch.rand(517, generator=torch.Generator().manual_seed(3)) + 0.5
+    fused = fused_loss(F.cross_entropy, options=FusedOptions(chunk_size=64))
+    ref = run(_unfused(F.cross_entropy), hidden, weight, targets, torch.bfloat16, weight=class_weight)
+    out = run(fused, hidden, weight, targets, torch.bfloat16, weight=class_weight)
+    for r, o in zip(ref, out):
+        assert o.dtype == r.dtype
+        torch.testing.assert_close(o.float(), r.float(), rtol=2e-2, atol=1e-5)
 
 
 def focal_rows(logits, targets, gamma=2.0, mask=None):

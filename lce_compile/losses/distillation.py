@@ -22,28 +22,36 @@ class _SoftLoss(torch.autograd.Function):
     """Per-row forward KL, reverse KL or JSD of tempered student logits ``s`` against teacher logits ``t``
     (C, V), with a hand-written gradient for ``s``.
 
-    Differentiated by autograd, the probabilities a KL's loss pass computes are needed again by its gradient
-    pass, and Inductor then stores them as fp32 (C, V) buffers (one for the forward KL, four for the JSD, read
-    from its generated CPU code). Here backward recomputes them from the logits and two row scalars, with
-    ``exp2`` so that they are not merged with the forward's ``exp``. The generated code then stores no
-    (C, V) buffer for the KLs, and one for the JSD (the mixture's log, read by its two sums).
+    Written so that a compiled chunk stores no (C, V) buffer beside the logits, whose gradient is written over
+    them: every pass that reads the logits for a sum runs before the pass that writes the gradient, and no
+    per-element value is shared by two passes (Inductor would store it). So:
+
+    * the KLs come from sums taken in the same pass as the logsumexps, ``KL(p || q) = E_p[a - b] - lse_a +
+      lse_b`` with ``E_p[a - b] = sum(exp(a - max a) (a - b)) / sum(exp(a - max a))``;
+    * the gradient needs a row sum (the reverse KL and the JSD need their value; the forward KL, ``p_s - p_t``,
+      needs the teacher's logsumexp from that same pass), so it cannot be written before the sums are done;
+    * the JSD's mixture ``log m`` is written three ways (for ``KL(p_s || m)``, ``KL(p_t || m)`` and the
+      gradient), so that no two sums or passes share it and Inductor recomputes it instead of storing it.
     """
 
     @staticmethod
     def forward(s, t, kind, beta):
-        lse_s, lse_t = torch.logsumexp(s, -1, keepdim=True), torch.logsumexp(t, -1, keepdim=True)
-        log_s, log_t = s - lse_s, t - lse_t
-        if kind == "forward_kl":
-            value = (log_t.exp() * (log_t - log_s)).sum(-1)
-            row = value.clone()  # a distinct output (torch.compile cannot wire one tensor returned twice)
-        elif kind == "reverse_kl":
-            value = (log_s.exp() * (log_s - log_t)).sum(-1)
-            row = value.clone()
-        else:  # m = beta * p_t + (1 - beta) * p_s, in log space
-            log_m = _log_mixture(log_s, log_t, beta)
-            row = (log_s.exp() * (log_s - log_m)).sum(-1)  # KL(p_s || m)
-            value = beta * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - beta) * row
-        return value, lse_s, lse_t, row
+        if kind == "jsd":
+            lse_s, lse_t = torch.logsumexp(s, -1, keepdim=True), torch.logsumexp(t, -1, keepdim=True)
+            log_s, log_t = s - lse_s, t - lse_t
+            row = (log_s.exp() * (log_s - _log_mixture(log_s, log_t, beta, form=0))).sum(-1)  # KL(p_s || m)
+            to_teacher = (log_t.exp() * (log_t - _log_mixture(log_s, log_t, beta, form=1))).sum(-1)  # KL(p_t || m)
+            value = beta * to_teacher + (1 - beta) * row
+            return value, lse_s, lse_t, row
+        a, b = (t, s) if kind == "forward_kl" else (s, t)  # KL(p_a || p_b)
+        lse_a, lse_b = torch.logsumexp(a, -1, keepdim=True), torch.logsumexp(b, -1, keepdim=True)
+        max_a = a.amax(-1, keepdim=True)
+        # E_p[a - b] = sum(exp(a - max a) (a - b)) / sum(exp(a - max a)); exp2, not the logsumexp's exp, which
+        # Inductor would store to share between the two sums
+        weighted = (torch.exp2((a - max_a) * _LOG2E) * (a - b)).sum(-1, keepdim=True)
+        value = (weighted * torch.exp(max_a - lse_a) - lse_a + lse_b).squeeze(-1)
+        lse_s, lse_t = (lse_b, lse_a) if kind == "forward_kl" else (lse_a, lse_b)
+        return value, lse_s, lse_t, value.clone()  # a distinct output (torch.compile cannot return one twice)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -57,26 +65,27 @@ class _SoftLoss(torch.autograd.Function):
     def backward(ctx, grad, *_):
         s, t, lse_s, lse_t, row = ctx.saved_tensors
         log_s, log_t = s - lse_s, t - lse_t
-        p_s = torch.exp2(log_s * _LOG2E)
+        p_s = torch.exp2(log_s * _LOG2E)  # exp2: not merged with (and then stored from) the forward's exp
         if ctx.kind == "forward_kl":    # d/ds KL(p_t || p_s) = p_s - p_t
             grad_s = p_s - torch.exp2(log_t * _LOG2E)
         elif ctx.kind == "reverse_kl":  # p_s * (log p_s - log p_t - KL(p_s || p_t))
             grad_s = p_s * (log_s - log_t - row.unsqueeze(-1))
         else:                           # (1 - beta) * p_s * (log p_s - log m - KL(p_s || m))
-            log_m = _log_mixture(log_s, log_t, ctx.beta, unmerged=True)
+            log_m = _log_mixture(log_s, log_t, ctx.beta, form=2)
             grad_s = (1 - ctx.beta) * p_s * (log_s - log_m - row.unsqueeze(-1))
         return grad.unsqueeze(-1) * grad_s, None, None, None
 
 
-def _log_mixture(log_s, log_t, beta, unmerged=False):
-    """log(beta * p_t + (1 - beta) * p_s). ``unmerged``: the same value written with other ops than
-    ``logaddexp``, so that backward's copy is not merged with (and then stored from) the forward's."""
+def _log_mixture(log_s, log_t, beta, form):
+    """log(beta * p_t + (1 - beta) * p_s), written in one of three equal forms (see _SoftLoss)."""
     log_beta = math.log(beta) if beta > 0 else -math.inf
     log_rest = math.log1p(-beta) if beta < 1 else -math.inf
     a, b = log_t + log_beta, log_s + log_rest
-    if not unmerged:
+    if form == 0:
         return torch.logaddexp(a, b)
     high = torch.maximum(a, b)
+    if form == 1:
+        return high + torch.log1p(torch.exp(-(a - b).abs()))
     return high + torch.log1p(torch.exp2(-(a - b).abs() * _LOG2E))
 
 
