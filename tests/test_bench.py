@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lce_compile.bench.run import parse_shapes
 
@@ -49,16 +50,37 @@ def test_interleaved_ratios_structure():
     assert list(out) == ["fused"] and len(out["fused"]) == 2 and all(r > 0 for r in out["fused"])
 
 
-@pytest.mark.parametrize("loss", ["kd", "grpo"])
-def test_cli_other_losses(tmp_path, loss):
+@pytest.mark.parametrize("loss,methods", [("kd", "eager,fused,fused_reverse_kl,fused_jsd"), ("grpo", "eager,fused"),
+                                          ("dpo", "eager,fused"), ("logprobs", "eager,fused")])
+def test_cli_other_losses(tmp_path, loss, methods):
     out = tmp_path / f"{loss}.json"
     cmd = [sys.executable, "-m", "lce_compile.bench", "--loss", loss, "--shapes", "48,16,67", "--methods",
-           "eager,fused", "--json", str(out), "--quiet"]
+           methods, "--json", str(out), "--quiet"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert data["meta"]["loss"] == loss
     results = {r["method"]: r for r in data["results"]}
-    assert list(results) == ["eager", "fused"] and not any("error" in r for r in results.values())
-    for key in ("err_loss", "err_grad_hidden", "err_grad_weight"):
-        assert results["fused"][key] < 1e-5, (key, results["fused"][key])
+    assert list(results) == methods.split(",") and not any("error" in r for r in results.values())
+    for name in results:
+        for key in ("err_loss", "err_grad_hidden", "err_grad_weight"):
+            assert results[name][key] < 1e-5, (name, key, results[name][key])
+
+
+@pytest.mark.parametrize("loss", ["ce", "kd", "grpo", "dpo", "logprobs"])
+def test_references_measure_what_the_methods_compute(loss):
+    """Each method's error column is against a reference of the same quantity: the eager method run in fp64
+    equals the reference (which the CUDA path runs in fp32, chunked for the cross-entropy), on the same inputs
+    (the eager cross-entropy computes in fp32: the tolerance is fp32's, far below a wrong reference)."""
+    from lce_compile.bench import measure
+    from lce_compile.bench.methods import CHUNKABLE_REFERENCES, LOSSES, REFERENCES
+
+    hidden, weight, targets = measure.make_inputs(48, 16, 67, torch.float32, torch.device("cpu"))
+    for name, method in LOSSES[loss].items():
+        if method.unavailable("cpu") or method.compiles and name != "fused":
+            continue
+        rows = 16 if method.loss in CHUNKABLE_REFERENCES else 48
+        gold = measure._reference(REFERENCES[method.loss], hidden, weight, targets, rows)
+        got = measure._loss_and_grads(method.make(), hidden.double(), weight.double(), targets)
+        for g, r in zip(got, gold):
+            torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6, msg=f"{loss} {name}")  # eager CE upcasts to fp32 only

@@ -190,21 +190,24 @@ def _errors(task):
 
 
 def _reference(fn, hidden, weight, targets, rows):
-    if hidden.device.type != "cuda":
-        return _loss_and_grads(fn, hidden.double(), weight.double(), targets)
+    """(loss, grad_hidden, grad_weight) of ``fn`` in fp64 (CPU) or fp32 without TF32 (CUDA). ``rows`` below N:
+    a sum-reducible reference runs that many rows at a time; else one call of the mean, as the methods make."""
+    dtype = torch.float32 if hidden.device.type == "cuda" else torch.float64
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        hidden32 = hidden.detach().float().requires_grad_()
-        weight32 = weight.detach().float().requires_grad_()
+        if rows >= hidden.shape[0]:
+            return _loss_and_grads(fn, hidden.to(dtype), weight.to(dtype), targets)
+        hidden_ref = hidden.detach().to(dtype).requires_grad_()
+        weight_ref = weight.detach().to(dtype).requires_grad_()
         kept = (targets != -100).sum()
         total = 0.0
         for start in range(0, hidden.shape[0], rows):
             part = slice(start, start + rows)
-            loss = fn(hidden32[part], weight32, targets[part], reduction="sum") / kept
-            loss.backward()  # weight32.grad sums the chunks in fp32
+            loss = fn(hidden_ref[part], weight_ref, targets[part], reduction="sum") / kept
+            loss.backward()  # weight_ref.grad sums the chunks
             total = total + loss.detach()
-        return total, hidden32.grad, weight32.grad
+        return total, hidden_ref.grad, weight_ref.grad
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 

@@ -4,6 +4,10 @@ Every method builds a loss function ``fn(hidden (N, D), weight (V, D), targets (
 same meaning: mean cross-entropy over the kept tokens, ``ignore_index=-100``. To add a method (say a lean
 ``FusedOptions``), add an entry to ``METHODS``; to add a loss, add its fp64 reference to ``REFERENCES`` and
 point the new methods' ``loss`` at it.
+
+References are the unfused formulas (full logits), evaluated in fp64 on the CPU and in fp32 without TF32 on
+CUDA, each through the same ``fn(hidden, weight, targets) -> scalar`` as the methods; the cross-entropy ones
+may also run in row chunks (``CHUNKABLE_REFERENCES``), as sums.
 """
 from __future__ import annotations
 
@@ -108,6 +112,12 @@ def _make_fused_generic():
     return functools.partial(fused_loss(F.cross_entropy), ignore_index=IGNORE_INDEX)
 
 
+def _make_fused_generic_matmul_dtype():
+    # the same with bf16 logits handed to F.cross_entropy (the pre-upcast behaviour): a bf16 loss
+    from lce_compile import fused_loss
+    return functools.partial(fused_loss(F.cross_entropy, upcast=False), ignore_index=IGNORE_INDEX)
+
+
 def _make_torch_lce():
     # options=LinearCrossEntropyOptions() opts into PyTorch's chunked path; options=None is unfused.
     return functools.partial(F.linear_cross_entropy, ignore_index=IGNORE_INDEX,
@@ -141,6 +151,9 @@ METHODS = {
                             f"z_loss={Z_LOSS}", default_on=(), compiles=True, loss="cross_entropy_softcap"),
     "fused_generic": Method(_make_fused_generic, "lce_compile.fused_loss(F.cross_entropy)", default_on=("cuda",),
                             compiles=True),
+    "fused_generic_matmul_dtype": Method(_make_fused_generic_matmul_dtype,
+                                         "lce_compile.fused_loss(F.cross_entropy, upcast=False)", default_on=(),
+                                         compiles=True),
     # opt-in on the CPU, where one cpu-large step takes as long as eager's: the default run stays < 2 min
     "torch_lce": Method(_make_torch_lce, "F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())",
                         unavailable=_torch_lce_unavailable, default_on=("cuda",)),
@@ -175,38 +188,48 @@ def _teacher_for(hidden, weight):
     return t_hidden.to(hidden.dtype), t_weight.to(hidden.dtype)
 
 
-def unfused_kd(hidden, weight, targets, reduction="mean"):
-    """Forward KL(p_teacher || p_student) per token, mean over kept tokens: full (N, V) logits of both heads."""
-    return _unfused_kd(hidden, weight, *_teacher_for(hidden, weight), targets, reduction)
+def unfused_kd(hidden, weight, targets, kind="forward_kl"):
+    """The distillation loss per token, mean over kept tokens: full (N, V) logits of both heads, written in
+    probability space (the JSD through its mixture's probabilities)."""
+    return _unfused_kd(hidden, weight, *_teacher_for(hidden, weight), targets, kind)
 
 
-def _unfused_kd(hidden, weight, t_hidden, t_weight, targets, reduction="mean"):
+def _unfused_kd(hidden, weight, t_hidden, t_weight, targets, kind="forward_kl"):
     wide = torch.promote_types(hidden.dtype, torch.float32)
     log_s = F.log_softmax((hidden @ weight.T).to(wide), -1)
     log_t = F.log_softmax((t_hidden @ t_weight.T).to(wide), -1)
+    if kind == "forward_kl":
+        rows = (log_t.exp() * (log_t - log_s)).sum(-1)
+    elif kind == "reverse_kl":
+        rows = (log_s.exp() * (log_s - log_t)).sum(-1)
+    else:  # symmetric JSD: m = (p_s + p_t) / 2
+        p_s, p_t = log_s.exp(), log_t.exp()
+        log_m = ((p_s + p_t) / 2).log()
+        rows = 0.5 * (p_t * (log_t - log_m)).sum(-1) + 0.5 * (p_s * (log_s - log_m)).sum(-1)
     kept = targets != IGNORE_INDEX
-    loss = torch.where(kept, (log_t.exp() * (log_t - log_s)).sum(-1), 0.0)
-    return loss.sum() / kept.sum() if reduction == "mean" else loss.sum()
+    return torch.where(kept, rows, 0.0).sum() / kept.sum()
 
 
-def _make_kd_compile():
-    compiled = torch.compile(_unfused_kd)  # the teacher's inputs are made outside the compiled code
+def _make_kd_compile(kind):
+    compiled = torch.compile(functools.partial(_unfused_kd, kind=kind))  # teacher inputs made outside it
     return lambda hidden, weight, targets: compiled(hidden, weight, *_teacher_for(hidden, weight), targets)
 
 
-def _make_kd_fused():
+def _make_kd_fused(kind):
     from lce_compile import linear_kd_loss
 
     def fused(hidden, weight, targets):
         t_hidden, t_weight = _teacher_for(hidden, weight)
-        return linear_kd_loss(hidden, weight, t_hidden, t_weight, targets, kind="forward_kl",
-                              ignore_index=IGNORE_INDEX)
+        return linear_kd_loss(hidden, weight, t_hidden, t_weight, targets, kind=kind, ignore_index=IGNORE_INDEX)
     return fused
 
 
-def _make_kd_liger():
+_LIGER_JSD_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}  # Liger's beta: 0 forward KL, 1 reverse
+
+
+def _make_kd_liger(kind):
     from liger_kernel.transformers import LigerFusedLinearJSD
-    module = LigerFusedLinearJSD(jsd_beta=0.0, ignore_index=IGNORE_INDEX)  # beta = 0: forward KL
+    module = LigerFusedLinearJSD(jsd_beta=_LIGER_JSD_BETA[kind], ignore_index=IGNORE_INDEX)
 
     def liger(hidden, weight, targets):
         t_hidden, t_weight = _teacher_for(hidden, weight)
@@ -214,17 +237,20 @@ def _make_kd_liger():
     return liger
 
 
-KD_METHODS = {
-    "eager": Method(lambda: unfused_kd, "unfused forward KL: both heads' full logits", loss="kd"),
-    "compile": Method(_make_kd_compile, "torch.compile of the unfused forward KL", default_on=("cuda",),
-                      compiles=True, loss="kd"),
-    "fused": Method(_make_kd_fused, "lce_compile.linear_kd_loss(kind='forward_kl')", compiles=True, loss="kd"),
-    "liger": Method(_make_kd_liger, "liger_kernel LigerFusedLinearJSD(jsd_beta=0.0), forward KL",
-                    unavailable=_needs_module("liger_kernel"), default_on=("cuda",), loss="kd"),
-}
-REFERENCES["kd"] = unfused_kd
-# references that may run a few thousand rows at a time (their teachers are not per-row data)
-CHUNKABLE_REFERENCES = {"cross_entropy", "cross_entropy_softcap"}
+KD_METHODS = {"eager": Method(lambda: unfused_kd, "unfused forward KL: both heads' full logits", loss="kd")}
+for _kind, _suffix in (("forward_kl", ""), ("reverse_kl", "_reverse_kl"), ("jsd", "_jsd")):
+    _loss = "kd" + _suffix
+    REFERENCES[_loss] = functools.partial(unfused_kd, kind=_kind)
+    _on = ("cuda",) if _kind == "forward_kl" else ()  # the other kinds: --methods all, or by name
+    KD_METHODS.update({
+        "compile" + _suffix: Method(functools.partial(_make_kd_compile, _kind), f"torch.compile of the unfused {_kind}",
+                                    default_on=_on, compiles=True, loss=_loss),
+        "fused" + _suffix: Method(functools.partial(_make_kd_fused, _kind), f"lce_compile.linear_kd_loss(kind='{_kind}')",
+                                  default_on=("cpu",) + _on if not _suffix else _on, compiles=True, loss=_loss),
+        "liger" + _suffix: Method(functools.partial(_make_kd_liger, _kind),
+                                  f"liger_kernel LigerFusedLinearJSD(jsd_beta={_LIGER_JSD_BETA[_kind]}), {_kind}",
+                                  unavailable=_needs_module("liger_kernel"), default_on=_on, loss=_loss),
+    })
 LOSSES = {"ce": METHODS, "kd": KD_METHODS}
 
 
@@ -250,7 +276,7 @@ def grpo_rollout(targets):
     return _ROLLOUTS[key]
 
 
-def unfused_grpo(hidden, weight, targets, reduction="mean", beta=0.04, epsilon=0.2):
+def unfused_grpo(hidden, weight, targets, beta=0.04, epsilon=0.2):
     """The unfused DAPO loss: full (N, V) logits, log-softmax, gather, TRL's per-token formula."""
     ids, mask, advantages, ref = grpo_rollout(targets)
     return _unfused_grpo(hidden, weight, ids, mask, advantages, ref, beta, epsilon)
@@ -291,3 +317,106 @@ GRPO_METHODS = {
 }
 REFERENCES["grpo"] = unfused_grpo
 LOSSES["grpo"] = GRPO_METHODS
+
+
+# ---- DPO (--loss dpo): N tokens as 2B sequences (B chosen, then B rejected), sigmoid loss, beta 0.1 ----
+DPO_BETA = 0.1
+
+
+def dpo_batch(targets):
+    """(token_ids (2B, T), completion_mask, ref sequence log-probs (2B,)): N / 1024 sequences of 1024 tokens
+    (two of N / 2 if fewer), the targets' ignored positions masked out. Cached."""
+    n = targets.shape[0]
+    t = GRPO_SEQUENCE if n % (2 * GRPO_SEQUENCE) == 0 else n // 2
+    key = ("dpo", n, str(targets.device))
+    if key not in _ROLLOUTS:
+        _ROLLOUTS.clear()
+        gen = torch.Generator(device=targets.device).manual_seed(2468)
+        kept = (targets[: n // t * t] != IGNORE_INDEX).view(n // t, t)
+        ids = torch.where(kept, targets[: n // t * t].view(n // t, t), 0)
+        ref = -10.0 * kept.sum(-1) + torch.randn(n // t, generator=gen, device=targets.device)
+        _ROLLOUTS[key] = (ids, kept, ref)
+    return _ROLLOUTS[key]
+
+
+def unfused_dpo(hidden, weight, targets):
+    """The unfused DPO loss: full logits, log_softmax, gather, sequence sums, -logsigmoid of the margin."""
+    return _unfused_dpo(hidden, weight, *dpo_batch(targets))
+
+
+def _unfused_dpo(hidden, weight, ids, mask, ref):
+    b2, t = ids.shape
+    logits = (hidden[: b2 * t] @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32)).view(b2, t, -1)
+    logp = logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    seq = (logp * mask).sum(-1) - ref
+    margin = DPO_BETA * (seq[: b2 // 2] - seq[b2 // 2:])
+    return -F.logsigmoid(margin).mean()
+
+
+def _make_dpo_compile():
+    compiled = torch.compile(_unfused_dpo)
+    return lambda hidden, weight, targets: compiled(hidden, weight, *dpo_batch(targets))
+
+
+def _make_dpo_fused():
+    from lce_compile import linear_dpo_loss
+
+    def fused(hidden, weight, targets):
+        ids, mask, ref = dpo_batch(targets)
+        return linear_dpo_loss(hidden[: ids.numel()].view(*ids.shape, -1), weight, ids, mask, ref, beta=DPO_BETA)
+    return fused
+
+
+LOSSES["dpo"] = {
+    "eager": Method(lambda: unfused_dpo, "unfused DPO (sigmoid): full logits, log_softmax, gather", loss="dpo"),
+    "compile": Method(_make_dpo_compile, "torch.compile of the unfused DPO loss", default_on=("cuda",),
+                      compiles=True, loss="dpo"),
+    "fused": Method(_make_dpo_fused, "lce_compile.linear_dpo_loss", compiles=True, loss="dpo"),
+}
+REFERENCES["dpo"] = unfused_dpo
+
+
+# ---- token log-probs (--loss logprobs): an SFT-style objective with an entropy bonus over both outputs ----
+ENTROPY_BONUS = 0.01
+
+
+def unfused_logprobs(hidden, weight, targets):
+    """-mean(log p(target)) - 0.01 mean(entropy) over kept tokens: full logits, log_softmax, gather."""
+    logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))
+    log_p = logits.log_softmax(-1)
+    kept = targets != IGNORE_INDEX
+    logp = log_p.gather(-1, torch.where(kept, targets, 0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return _logprob_objective(logp, entropy, kept)
+
+
+def _logprob_objective(logp, entropy, kept):
+    return -(torch.where(kept, logp + ENTROPY_BONUS * entropy, 0.0)).sum() / kept.sum()
+
+
+def _make_logprobs_compile():
+    return torch.compile(unfused_logprobs)
+
+
+def _make_logprobs_fused():
+    from lce_compile import linear_token_logprobs
+
+    def fused(hidden, weight, targets):
+        kept = targets != IGNORE_INDEX
+        logp, entropy = linear_token_logprobs(hidden, weight, torch.where(kept, targets, 0), return_entropy=True)
+        return _logprob_objective(logp, entropy, kept)
+    return fused
+
+
+LOSSES["logprobs"] = {
+    "eager": Method(lambda: unfused_logprobs, "unfused log-probs + entropy: full logits, log_softmax, gather",
+                    loss="logprobs"),
+    "compile": Method(_make_logprobs_compile, "torch.compile of the unfused log-probs + entropy",
+                      default_on=("cuda",), compiles=True, loss="logprobs"),
+    "fused": Method(_make_logprobs_fused, "lce_compile.linear_token_logprobs(return_entropy=True)", compiles=True,
+                    loss="logprobs"),
+}
+REFERENCES["logprobs"] = unfused_logprobs
+
+# references that may run a few thousand rows at a time, as sums (the others are not sums over rows)
+CHUNKABLE_REFERENCES = {"cross_entropy", "cross_entropy_softcap"}

@@ -28,11 +28,18 @@ SHAPES = {
     # --loss grpo: N tokens as N / 1024 sequences of 1024 completion tokens
     "grpo-cpu": (2048, 256, 32768),
     "grpo-qwen": (8192, 4096, 151936),
+    # --loss dpo: N tokens as 2B sequences of 1024 (B chosen, B rejected); --loss logprobs: N tokens
+    "dpo-cpu": (2048, 256, 32768),
+    "dpo-qwen": (8192, 4096, 151936),
+    "logprobs-cpu": (2048, 256, 32768),
+    "logprobs-qwen": (8192, 4096, 151936),
 }
 DEFAULT_SHAPES = {
     "ce": {"cpu": ["cpu-small", "cpu-large"], "cuda": ["gemma2-2b", "llama3-8b", "qwen2.5-7b", "gemma2-2b-32k"]},
     "kd": {"cpu": ["kd-cpu"], "cuda": ["kd-qwen"]},
     "grpo": {"cpu": ["grpo-cpu"], "cuda": ["grpo-qwen"]},
+    "dpo": {"cpu": ["dpo-cpu"], "cuda": ["dpo-qwen"]},
+    "logprobs": {"cpu": ["logprobs-cpu"], "cuda": ["logprobs-qwen"]},
 }
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 # Full-size steps before measuring: one eager step of cpu-large takes ~15 s on 2 cores, so the CPU
@@ -49,15 +56,18 @@ def parse_args(argv=None):
                     "Each (shape, method) is measured in fresh worker processes.",
         epilog="shapes (N tokens, D hidden, V vocab):\n"
                + "\n".join(f"  {k:14s}N={n} D={d} V={v}" for k, (n, d, v) in SHAPES.items())
-               + "".join(f"\nmethods, --loss {loss}:\n" + "\n".join(f"  {k:14s}{m.doc}" for k, m in methods.items())
+               + "".join(f"\nmethods, --loss {loss}:\n" + "\n".join(f"  {k:27s}{m.doc}" for k, m in methods.items())
                          for loss, methods in LOSSES.items())
                + f"\n--loss kd: forward KL to a teacher {TEACHER_WIDTH}x as wide as the student (D); the floor is "
-                 "the student's gradients\n--loss grpo: N tokens as N/1024 sequences of 1024 (or one of N), "
-                 "~10% masked out, beta=0.04")
+                 "the student's gradients (reverse KL and JSD: --methods all or by name)\n--loss grpo: N tokens as "
+                 "N/1024 sequences of 1024 (or one of N), ~10% masked out, beta=0.04\n--loss dpo: N tokens as 2B "
+                 "sequences of 1024 (or two of N/2), beta=0.1\n--loss logprobs: -mean log p(target) - 0.01 mean "
+                 "entropy over kept tokens")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--loss", default="ce", choices=tuple(LOSSES),
-                        help="ce: cross-entropy (default); kd: knowledge distillation, forward KL; grpo: GRPO "
-                             "(dapo) with a k3 KL term")
+                        help="ce: cross-entropy (default); kd: knowledge distillation (forward KL by default); "
+                             "grpo: GRPO (dapo) with a k3 KL term; dpo: DPO (sigmoid); logprobs: token log-probs "
+                             "and entropy")
     parser.add_argument("--dtype", choices=DTYPES, help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--shapes", action="append", metavar="LIST",
                         help="comma-separated shape names and custom shapes, written NxDxV or N,D,V "
