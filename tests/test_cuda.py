@@ -204,7 +204,10 @@ def test_generic_fp32_logits_and_fp32_class_weight():
     hidden, weight, targets = _cuda(*make_inputs(4096, 512, 32003, seed=2))
     class_weight = torch.rand(32003, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) + 0.5
     fused = fused_loss(F.cross_entropy, options=FusedOptions(chunk_size=1024))
-    unfused = lambda h, w, t, **kw: F.cross_entropy((h @ w.T).float(), t, **kw)  # noqa: E731
+    def unfused(h, w, t, weight):
+        logits = h @ w.T
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # .float(); fp64 stays fp64
+        return F.cross_entropy(logits, t, weight=weight.to(logits.dtype))
     gold = run(unfused, hidden, weight, targets, torch.float64, weight=class_weight.double())
     ref = run(unfused, hidden, weight, targets, torch.bfloat16, weight=class_weight)
     out = run(fused, hidden, weight, targets, torch.bfloat16, weight=class_weight)

@@ -16,6 +16,7 @@ KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
 _LOG2E = 1 / math.log(2)
+_MIXTURE_OF_PROBABILITIES = False  # experiment: the JSD's log m as log(beta p_t + (1 - beta) p_s)
 
 
 class _SoftLoss(torch.autograd.Function):
@@ -39,6 +40,12 @@ class _SoftLoss(torch.autograd.Function):
         if kind == "jsd":
             lse_s, lse_t = torch.logsumexp(s, -1, keepdim=True), torch.logsumexp(t, -1, keepdim=True)
             log_s, log_t = s - lse_s, t - lse_t
+            if _MIXTURE_OF_PROBABILITIES:
+                p_s, p_t = log_s.exp(), log_t.exp()
+                log_m = torch.log(beta * p_t + (1 - beta) * p_s)
+                row = torch.where(p_s > 0, p_s * (log_s - log_m), 0.0).sum(-1)
+                to_teacher = torch.where(p_t > 0, p_t * (log_t - log_m), 0.0).sum(-1)
+                return beta * to_teacher + (1 - beta) * row, lse_s, lse_t, row
             row = (log_s.exp() * (log_s - _log_mixture(log_s, log_t, beta, form=0))).sum(-1)  # KL(p_s || m)
             to_teacher = (log_t.exp() * (log_t - _log_mixture(log_s, log_t, beta, form=1))).sum(-1)  # KL(p_t || m)
             value = beta * to_teacher + (1 - beta) * row
@@ -71,7 +78,10 @@ class _SoftLoss(torch.autograd.Function):
         elif ctx.kind == "reverse_kl":  # p_s * (log p_s - log p_t - KL(p_s || p_t))
             grad_s = p_s * (log_s - log_t - row.unsqueeze(-1))
         else:                           # (1 - beta) * p_s * (log p_s - log m - KL(p_s || m))
-            log_m = _log_mixture(log_s, log_t, ctx.beta, form=2)
+            if _MIXTURE_OF_PROBABILITIES:
+                log_m = torch.log(ctx.beta * torch.exp2(log_t * _LOG2E) + (1 - ctx.beta) * p_s)
+            else:
+                log_m = _log_mixture(log_s, log_t, ctx.beta, form=2)
             grad_s = (1 - ctx.beta) * p_s * (log_s - log_m - row.unsqueeze(-1))
         return grad.unsqueeze(-1) * grad_s, None, None, None
 
