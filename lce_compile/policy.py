@@ -119,6 +119,13 @@ def wants_compile(device: torch.device, options: FusedOptions, logits: int) -> b
 _STEP_OPTIONS = {"realize_opcount_threshold": 1 << 20, "realize_reads_threshold": 1 << 20}
 
 
+def recomputes_shared_values(device: torch.device) -> bool:
+    """Whether a compiled chunk step recomputes an elementwise value that two of its passes read (CUDA, with
+    ``_STEP_OPTIONS``) rather than storing it as a (C, V) buffer (Inductor's CPU code stores any such value
+    that takes an exp or a log)."""
+    return device.type == "cuda"
+
+
 @functools.cache
 def _compiled(step):
     return torch.compile(step, fullgraph=True, options=_STEP_OPTIONS)

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from .. import checks
+from .. import checks, policy
 from ..engine import Head, Plan, fused_call
 from ..policy import DEFAULT_OPTIONS, FusedOptions
 from .cross_entropy import target_log_prob
@@ -16,7 +16,6 @@ KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
 _LOG2E = 1 / math.log(2)
-_MIXTURE_OF_PROBABILITIES = False  # experiment: the JSD's log m as log(beta p_t + (1 - beta) p_s)
 
 
 class _SoftLoss(torch.autograd.Function):
@@ -31,8 +30,10 @@ class _SoftLoss(torch.autograd.Function):
       lse_b`` with ``E_p[a - b] = sum(exp(a - max a) (a - b)) / sum(exp(a - max a))``;
     * the gradient needs a row sum (the reverse KL and the JSD need their value; the forward KL, ``p_s - p_t``,
       needs the teacher's logsumexp from that same pass), so it cannot be written before the sums are done;
-    * the JSD's mixture ``log m`` is written three ways (for ``KL(p_s || m)``, ``KL(p_t || m)`` and the
-      gradient), so that no two sums or passes share it and Inductor recomputes it instead of storing it.
+    * on CUDA the compiled step recomputes what two passes share, and the JSD takes ``log m`` as
+      ``log(beta p_t + (1 - beta) p_s)``; on the CPU, where Inductor stores a shared value with an exp or a
+      log, the mixture's log is written three ways (for ``KL(p_s || m)``, ``KL(p_t || m)`` and the gradient),
+      so that no two sums or passes share it.
     """
 
     @staticmethod
@@ -40,7 +41,9 @@ class _SoftLoss(torch.autograd.Function):
         if kind == "jsd":
             lse_s, lse_t = torch.logsumexp(s, -1, keepdim=True), torch.logsumexp(t, -1, keepdim=True)
             log_s, log_t = s - lse_s, t - lse_t
-            if _MIXTURE_OF_PROBABILITIES:
+            if policy.recomputes_shared_values(s.device):
+                # fewer transcendentals (measured 1.08x compile's time on an H200 against 1.15x for the forms
+                # below); where p = 0 the term is 0 (m may be 0 there too)
                 p_s, p_t = log_s.exp(), log_t.exp()
                 log_m = torch.log(beta * p_t + (1 - beta) * p_s)
                 row = torch.where(p_s > 0, p_s * (log_s - log_m), 0.0).sum(-1)
@@ -78,7 +81,7 @@ class _SoftLoss(torch.autograd.Function):
         elif ctx.kind == "reverse_kl":  # p_s * (log p_s - log p_t - KL(p_s || p_t))
             grad_s = p_s * (log_s - log_t - row.unsqueeze(-1))
         else:                           # (1 - beta) * p_s * (log p_s - log m - KL(p_s || m))
-            if _MIXTURE_OF_PROBABILITIES:
+            if policy.recomputes_shared_values(s.device):
                 log_m = torch.log(ctx.beta * torch.exp2(log_t * _LOG2E) + (1 - ctx.beta) * p_s)
             else:
                 log_m = _log_mixture(log_s, log_t, ctx.beta, form=2)
