@@ -127,18 +127,18 @@ def test_chunks_share_the_budget_between_heads():
 
 
 @pytest.mark.parametrize("beta", [0.5, 0.2, 0.9])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_jsd_mixture_from_probabilities(monkeypatch, beta, dtype):
+def test_jsd_mixture_from_probabilities(monkeypatch, beta):
     """The JSD's CUDA form (log m from the probabilities, chosen where the compiled step recomputes shared
-    values), run here on the CPU: against fp64, and in bf16 no less accurate than the unfused code."""
+    values), run here on the CPU: fp32 against fp64, and bf16 no less accurate than the unfused code."""
     from lce_compile import policy
     monkeypatch.setattr(policy, "recomputes_shared_values", lambda device: True)
     hidden, weight, t_hidden, t_weight, targets = _inputs(300, dim=64, teacher_dim=96, seed=6)
     kw = dict(kind="jsd", beta=beta)
+    opts = FusedOptions(chunk_size=64)
     gold = _run(unfused_kd, hidden, weight, t_hidden, t_weight, targets, torch.float64, **kw)
-    ref = _run(unfused_kd, hidden, weight, t_hidden, t_weight, targets, dtype, **kw)
-    got = _run(linear_kd_loss, hidden, weight, t_hidden, t_weight, targets, dtype,
-               options=FusedOptions(chunk_size=64), **kw)
+    _close(_run(linear_kd_loss, hidden, weight, t_hidden, t_weight, targets, torch.float32, options=opts, **kw), gold)
+    ref = _run(unfused_kd, hidden, weight, t_hidden, t_weight, targets, torch.bfloat16, **kw)
+    got = _run(linear_kd_loss, hidden, weight, t_hidden, t_weight, targets, torch.bfloat16, options=opts, **kw)
     for name, g, r, o in zip(("loss", "grad_hidden", "grad_weight"), gold, ref, got):
         err, ref_err = (o.double() - g).abs().mean(), (r.double() - g).abs().mean()
-        assert err <= 1.1 * ref_err + 1e-6 * g.abs().mean(), f"{name}: {err:.2e} > 1.1 x unfused {ref_err:.2e}"
+        assert err <= 1.1 * ref_err + 1e-7 * g.abs().mean(), f"{name}: {err:.2e} > 1.1 x unfused {ref_err:.2e}"
