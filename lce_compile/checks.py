@@ -10,6 +10,8 @@ import inspect
 
 import torch
 
+from . import policy
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -28,7 +30,7 @@ def check_head(name: str, hidden, weight, bias=None, prefix: str = "") -> None:
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}: {arg} must be a Tensor, got {type(value).__name__}.")
         if value.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name}: {arg} must be float32, bfloat16 or float16, got {value.dtype}.")
+            raise TypeError(f"{name}: {arg} must be float32, bfloat16, float16 or float64, got {value.dtype}.")
     if hidden.dim() < 1:
         raise ValueError(f"{name}: {h} must have shape (..., D), got a 0-d tensor.")
     if weight.dim() != 2:
@@ -38,15 +40,17 @@ def check_head(name: str, hidden, weight, bias=None, prefix: str = "") -> None:
             f"{name}: {h}'s last dimension must equal {w}'s D = {weight.shape[1]} "
             f"({w} is (V, D) = {_shape(weight)}), got {h} {_shape(hidden)}."
         )
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"{name}: {h} and {w} must have one dtype, got {hidden.dtype} and {weight.dtype}.")
+    autocast = policy.autocast_dtype(hidden.device) is not None  # casts both to one dtype
+    if hidden.dtype != weight.dtype and not autocast:
+        raise TypeError(f"{name}: {h} and {w} must have one dtype, got {hidden.dtype} and {weight.dtype}. "
+                        f"Cast one, or run the loss under torch.autocast.")
     check_device(name, w, weight, hidden)
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"{name}: {b} must be a Tensor or None, got {type(bias).__name__}.")
         if _shape(bias) != (weight.shape[0],):
             raise ValueError(f"{name}: {b} must have shape (V,) = ({weight.shape[0]},), got {_shape(bias)}.")
-        if bias.dtype != weight.dtype:
+        if bias.dtype != weight.dtype and not autocast:
             raise TypeError(f"{name}: {b} must have {w}'s dtype {weight.dtype}, got {bias.dtype}.")
         check_device(name, b, bias, hidden)
 
@@ -84,7 +88,8 @@ def check_rows(name: str, arg: str, tensor, hidden: torch.Tensor) -> None:
 def check_targets(name: str, targets, hidden, vocab: int, ignore_index: int | None, validate: bool,
                   arg: str = "targets") -> None:
     """Class-index targets: hidden's leading shape exactly, an integer dtype, values in [0, V) or ignore_index
-    (``None``: no value is ignored)."""
+    (``None``: no value is ignored). Any integer dtype is read as int64 class indices (callers convert with
+    ``.long()`` before comparing with ``ignore_index``)."""
     check_rows(name, arg, targets, hidden)
     if targets.dim() != hidden.dim() - 1:
         raise ValueError(
@@ -97,6 +102,7 @@ def check_targets(name: str, targets, hidden, vocab: int, ignore_index: int | No
         )
     if not validate or targets.numel() == 0 or torch.compiler.is_compiling():
         return
+    targets = targets.long()  # compared as int64: in uint8, ignore_index=-100 would wrap to 156
     kept = targets if ignore_index is None else torch.where(targets != ignore_index, targets, 0)
     bounds = torch.stack([kept.amin(), kept.amax()]).tolist()  # one read-back for both
     if bounds[0] < 0 or bounds[1] >= vocab:
@@ -185,8 +191,16 @@ def declared_scalar_error(name: str, fn_name: str, returns: str, shape: tuple) -
     )
 
 
-def second_backward_error(name: str) -> RuntimeError:
-    return RuntimeError(
-        f"{name}: backward through this loss ran a second time. Its gradients are computed in the forward "
-        "pass and handed over once; call the loss again for a second backward."
+def double_backward_error(name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{name}: double backward (backward with create_graph=True, e.g. a gradient penalty or gradgradcheck) is "
+        "not supported: the fused loss's gradients are computed chunk by chunk and are not differentiable. "
+        "Compute that term with the unfused loss."
+    )
+
+
+def function_transform_error(name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{name}: torch.func transforms (grad, vjp, vmap, jacrev, ...) over a fused loss are not supported. "
+        "Use torch.autograd (loss.backward() or torch.autograd.grad) instead."
     )

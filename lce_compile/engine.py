@@ -86,6 +86,18 @@ def fused_call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), r
 
     ``row_weight (...)``: per-row weights whose sum is the denominator of a ``"mean"`` (default: one per row).
     """
+    cast = policy.autocast_dtype(hidden.device)
+    if cast is not None:
+        # The unfused code under autocast: the matmuls in the autocast dtype, the loss in fp32, gradients cast
+        # back to each input's dtype. The same here, with the casts done once and differentiably, and the chunks
+        # (including a backward that recomputes them) run outside autocast on the cast tensors.
+        hidden, weight, bias = (policy.autocast_input(t, cast) for t in (hidden, weight, bias))
+        row_inputs = tuple(Head(*(policy.autocast_input(t, cast) for t in r)) if isinstance(r, Head) else r
+                           for r in row_inputs)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fused_call(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight)
+    if policy.under_function_transform():
+        raise checks.function_transform_error(plan.name)
     lead, dim = hidden.shape[:-1], hidden.shape[-1]
     hidden = hidden.reshape(-1, dim)
     n = hidden.shape[0]
@@ -124,18 +136,20 @@ class _FusedLinearLoss(torch.autograd.Function):
         n_rows = len(tensors) - len(plan.tensor_keys)
         row_inputs, tensor_kwargs = tensors[:n_rows], tensors[n_rows:]
         ctx.plan, ctx.needs, ctx.n_rows = plan, needs, n_rows
+        # Saved for a backward that recomputes the chunks: every backward for "none" (the upstream gradient is
+        # per row and unknown until then), the second and later ones for "mean"/"sum" (retain_graph, gradcheck).
+        # The inputs are alive for the caller's backward anyway; under activation checkpointing they are
+        # recomputed only if such a backward reads them.
+        ctx.heads = {i: t for i, t in enumerate(tensors) if isinstance(t, Head)}  # not tensors: kept as is
+        ctx.save_for_backward(hidden, weight, bias, row_weight, denom,
+                              *(None if i in ctx.heads else t for i, t in enumerate(tensors)))
+        ctx.grads = None
         if plan.reduction == "none":
-            # The upstream gradient is per row and unknown until backward: recompute the chunks there.
             out = _forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
-            ctx.heads = {i: t for i, t in enumerate(tensors) if isinstance(t, Head)}  # not tensors: kept as is
-            ctx.save_for_backward(hidden, weight, bias, *(None if i in ctx.heads else t for i, t in enumerate(tensors)))
         else:
-            if plan.reduction == "mean":
-                scale = _mean_scale(denom)
-            else:
-                scale = hidden.new_ones((), dtype=accumulation_dtype(hidden))
             values, aux, grads = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
-                                             cotangent=scale, row_weight=row_weight, needs=needs)
+                                             cotangent=_reduction_scale(plan, hidden, denom),
+                                             row_weight=row_weight, needs=needs)
             out = (_reduce(plan, *values, denom), *aux)
             # handed over once, scaled in place: no full-size copy in backward (never traced: see fused_call)
             ctx.grads = _finish_grads(grads, hidden, weight, bias)
@@ -145,20 +159,29 @@ class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value, *_):
         plan, needs = ctx.plan, ctx.needs
-        if plan.reduction == "none":
-            hidden, weight, bias, *tensors = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: these gradients are not differentiable
+            raise checks.double_backward_error(plan.name)
+        if ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None
+            policy.scale_(grads, grad_value)
+        else:
+            hidden, weight, bias, row_weight, denom, *tensors = ctx.saved_tensors
             tensors = [ctx.heads.get(i, t) for i, t in enumerate(tensors)]
             row_inputs, tensor_kwargs = tensors[: ctx.n_rows], tensors[ctx.n_rows:]
             cotangent = grad_value.to(accumulation_dtype(hidden))
-            _, _, grads = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
-                                      cotangent=cotangent, row_weight=None, needs=needs)
+            if plan.reduction != "none":
+                cotangent = cotangent * _reduction_scale(plan, hidden, denom)
+            _, _, grads = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, cotangent=cotangent,
+                                      row_weight=row_weight if plan.returns == "mean" else None, needs=needs)
             grads = _finish_grads(grads, hidden, weight, bias)
-        else:
-            if ctx.grads is None:
-                raise checks.second_backward_error(plan.name)
-            grads, ctx.grads = ctx.grads, None
-            policy.scale_(grads, grad_value)
         return (None, None, *grads, None, None) + (None,) * (len(ctx.needs_input_grad) - 7)
+
+
+def _reduction_scale(plan, hidden, denom):
+    """d(loss)/d(sum of the chunks' values): 1/denominator for "mean", 1 for "sum"."""
+    if plan.reduction == "mean":
+        return _mean_scale(denom)
+    return hidden.new_ones((), dtype=accumulation_dtype(hidden))
 
 
 def _mean_scale(denom):
@@ -238,7 +261,9 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
     pieces, aux_pieces, out_dtype = [], [[] for _ in plan.aux_keys], None
     chunk = policy.chunk_rows(weight, plan.options, _buffers(row_inputs))
     compiled = policy.wants_compile(hidden.device, plan.options, n * vocab)
-    with policy.compile_context(compiled), policy.fp32_reductions(hidden.device):
+    # outside_saved_tensor_hooks: the chunks' own differentiation saves nothing for the caller's graph, and
+    # torch.func refuses to run under a caller's hooks (activation checkpointing, save_on_cpu)
+    with policy.compile_context(compiled), policy.fp32_reductions(hidden.device), policy.outside_saved_tensor_hooks():
         for k, (start, end) in enumerate(policy.chunk_bounds(n, chunk)):
             hidden_c, rows_c = hidden[start:end], _materialize(_rows(row_inputs, start, end))
             cot = cotangent if cotangent is None or cotangent.dim() == 0 else cotangent[start:end]

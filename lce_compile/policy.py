@@ -306,3 +306,51 @@ def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if bias is None:
         return torch.mm(weight, hidden.t()).t()
     return torch.addmm(bias.unsqueeze(1), weight, hidden.t()).t()
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs matmuls in on this device, or None when it is off."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def autocast_input(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` as autocast hands it to a matmul: floating-point tensors other than fp64 cast to ``dtype``."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def under_function_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) is running, which the engine's autograd.Function (it
+    differentiates its chunks in the forward pass) cannot support."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+@contextlib.contextmanager
+def outside_saved_tensor_hooks():
+    """Run the block with the caller's saved-tensor hooks set aside, and restore them after.
+
+    The chunk loop differentiates each chunk itself (``torch.func.grad_and_value``) and saves nothing for the
+    caller's autograd graph, so hooks that act on saved tensors (activation checkpointing, offloading with
+    ``save_on_cpu``) have nothing to do there; torch.func refuses to run while any are set.
+    """
+    autograd = torch._C._autograd
+    set_aside = []
+    while (hooks := _top_saved_tensor_hooks(autograd)) is not None:
+        set_aside.append(hooks)
+        autograd._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(set_aside):
+            autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+def _top_saved_tensor_hooks(autograd):
+    try:
+        return autograd._top_saved_tensors_default_hooks(True)  # ignore_is_tracing: the real stack
+    except TypeError:  # older signature, no argument
+        return autograd._top_saved_tensors_default_hooks()

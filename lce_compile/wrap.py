@@ -154,6 +154,7 @@ def _class_index_form(self, hidden, weight, bias, row_inputs, kwargs, options):
         reduction = _reduction.legacy_get_string(args.get("size_average"), args.get("reduce"), emit_warning=False)
     vocab = weight.shape[0]
     checks.check_targets(self.name, targets, hidden, vocab, ignore_index, options.validate)
+    targets = targets.long()
     checks.check_class_weight(self.name, "weight", class_weight, hidden, vocab)
     checks.check_reduction(self.name, reduction)
     static = {"ignore_index": ignore_index, "reduction": "none"}
@@ -165,7 +166,7 @@ def _class_index_form(self, hidden, weight, bias, row_inputs, kwargs, options):
         class_weight = class_weight.to(logits_dtype)
     tensors = {} if class_weight is None else {"weight": class_weight}
     plan = Plan(self.name, self.row_fn, "rows", reduction, static, options, tuple(tensors))
-    return fused_call(plan, hidden, weight, bias, (targets.long(),), tuple(tensors.values()), row_weight)
+    return fused_call(plan, hidden, weight, bias, (targets,), tuple(tensors.values()), row_weight)
 
 
 _KNOWN = {F.cross_entropy: _class_index_form, F.nll_loss: _class_index_form}

@@ -41,6 +41,11 @@ class AuxOutput(NamedTuple):
     correct: Optional[torch.Tensor] = None
 
 
+def widen(logits):
+    """fp32 for 16-bit logits; fp32 and fp64 stay as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def target_log_prob(z, targets):
     """(log softmax(z)[target], logsumexp(z)) per row of fp32 logits ``z`` (C, V).
 
@@ -58,7 +63,7 @@ def target_log_prob(z, targets):
 def _ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoothing=0.0, softcap=None,
              z_loss=0.0, aux_keys=()):
     """One chunk: logits (C, V) -> per-row loss (C,) in fp32, plus requested aux. Ignored rows give 0."""
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    z = widen(logits)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     kept = targets != ignore_index
@@ -125,6 +130,7 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
     checks.check_head(_NAME, hidden, weight, bias)
     vocab = weight.shape[0]
     checks.check_targets(_NAME, targets, hidden, vocab, ignore_index, options.validate)
+    targets = targets.long()
     checks.check_class_weight(_NAME, "class_weight", class_weight, hidden, vocab)
     checks.check_reduction(_NAME, reduction)
     _check_options(label_smoothing, softcap, z_loss, return_aux)
@@ -134,7 +140,7 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
     tensors = {} if class_weight is None else {"class_weight": class_weight}
     plan = Plan(_NAME, _ce_rows, "rows", reduction, static, options, tuple(tensors), aux_keys=aux_keys)
     row_weight = kept_row_weight(targets, ignore_index, class_weight) if reduction == "mean" else None
-    out = fused_call(plan, hidden, weight, bias, (targets.long(),), tuple(tensors.values()), row_weight)
+    out = fused_call(plan, hidden, weight, bias, (targets,), tuple(tensors.values()), row_weight)
     if return_aux is None:
         return out
     loss, aux = out

@@ -9,7 +9,7 @@ from torch import nn
 from .. import checks, policy
 from ..engine import Head, Plan, fused_call
 from ..policy import DEFAULT_OPTIONS, FusedOptions
-from .cross_entropy import target_log_prob
+from .cross_entropy import target_log_prob, widen
 
 _NAME = "linear_kd_loss"
 KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -105,8 +105,8 @@ def _log_mixture(log_s, log_t, beta, form):
 def _kd_rows(logits, teacher_logits, targets=None, *, kind="forward_kl", beta=0.5, temperature=1.0,
              temperature_squared=False, ignore_index=-100, hard_weight=0.0):
     """One chunk: student and teacher logits (C, V) -> per-row loss (C,) in fp32; ignored rows give 0."""
-    student = logits.float()
-    soft = _SoftLoss.apply(student / temperature, teacher_logits.float() / temperature, kind, beta)[0]
+    student = widen(logits)
+    soft = _SoftLoss.apply(student / temperature, widen(teacher_logits) / temperature, kind, beta)[0]
     if temperature_squared:
         soft = soft * temperature ** 2
     loss = soft

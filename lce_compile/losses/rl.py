@@ -8,7 +8,7 @@ from torch import nn
 from .. import checks
 from ..engine import Plan, fused_call
 from ..policy import DEFAULT_OPTIONS, FusedOptions
-from .cross_entropy import target_log_prob
+from .cross_entropy import target_log_prob, widen
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 LEVELS = ("token", "sequence")
@@ -16,7 +16,7 @@ LEVELS = ("token", "sequence")
 
 def _logprob_rows(logits, token_ids, *, temperature=1.0, entropy=False):
     """One chunk: log p(token) under softmax(logits / T), (C,), or (C, 2) with the row's entropy too."""
-    z = logits.float() / temperature
+    z = widen(logits) / temperature
     logp, lse = target_log_prob(z, token_ids)
     if not entropy:
         return logp
@@ -29,7 +29,7 @@ def _grpo_rows(logits, token_ids, row_weight, advantages, old=None, ref=None, *,
                epsilon_low=0.2, epsilon_high=0.2, stats=False):
     """One chunk of token-level GRPO: each row's weighted loss (C,), so that the engine differentiates the
     chunk in the forward pass (three matmuls). ``row_weight`` holds the mask and the loss type's denominator."""
-    z = logits.float() / temperature
+    z = widen(logits) / temperature
     logp, lse = target_log_prob(z, token_ids)
     ratio = torch.exp(logp - (logp.detach() if old is None else old))
     loss = -torch.minimum(ratio * advantages, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages)
@@ -182,11 +182,12 @@ def _token_level_grpo(hidden, weight, token_ids, completion_mask, advantages, ol
                       options):
     name = "linear_grpo_loss"
     options = _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options)
-    mask = completion_mask.float()
+    wide = torch.promote_types(hidden.dtype, torch.float32)  # the rows' dtype (fp64 inputs stay fp64)
+    mask = completion_mask.to(wide)
     row_weight = _grpo_row_weight(mask, loss_type, max_completion_length)
-    rows = (token_ids.long(), row_weight, advantages.float().unsqueeze(-1).expand_as(mask))
+    rows = (token_ids.long(), row_weight, advantages.to(wide).unsqueeze(-1).expand_as(mask))
     keys = tuple(k for k, v in (("old", old_logprobs), ("ref", ref_logprobs)) if v is not None)
-    rows += tuple(v.float() for v in (old_logprobs, ref_logprobs) if v is not None)
+    rows += tuple(v.to(wide) for v in (old_logprobs, ref_logprobs) if v is not None)
     static = {"temperature": temperature, "beta": beta, "epsilon_low": epsilon_low, "epsilon_high": epsilon_high,
               "stats": return_stats}
     aux_keys = ("clipped", "entropy") + (("kl",) if ref_logprobs is not None else ()) if return_stats else ()
