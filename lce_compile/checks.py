@@ -100,7 +100,7 @@ def check_targets(name: str, targets, hidden, vocab: int, ignore_index: int | No
             f"{name}: {arg} must be an integer tensor of class indices, got {targets.dtype}. "
             "Probability targets need the full (N, V) tensor and are not supported."
         )
-    if not validate or targets.numel() == 0 or torch.compiler.is_compiling():
+    if not validate or targets.numel() == 0 or torch.compiler.is_compiling() or targets.device.type == "meta":
         return
     targets = targets.long()  # compared as int64: in uint8, ignore_index=-100 would wrap to 156
     kept = targets if ignore_index is None else torch.where(targets != ignore_index, targets, 0)
@@ -189,6 +189,15 @@ def declared_scalar_error(name: str, fn_name: str, returns: str, shape: tuple) -
     return ValueError(
         f"{name}: {fn_name} was declared returns={returns!r}, so it must return a scalar, got shape {shape}."
     )
+
+
+def check_module_keywords(name: str, fn, options: dict, per_call=("bias",)) -> None:
+    """A module form's keyword options: each one of ``fn``'s keyword-only arguments, caught at construction."""
+    allowed = [p.name for p in inspect.signature(fn).parameters.values()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in per_call]
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        raise TypeError(f"{name}: unknown keyword {unknown[0]!r}; the options are {', '.join(allowed)}.")
 
 
 def double_backward_error(name: str) -> NotImplementedError:

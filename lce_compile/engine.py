@@ -273,7 +273,8 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
                 cot = None if cot is None else cot * chunk_weight
             # one (C, V) buffer: the logits, then (written by the step, in place) their gradient
             logits = policy.linear(hidden_c, weight, bias)
-            step = policy.chunk_function(_chunk_step, compiled, end - start)
+            step = policy.chunk_function(_chunk_step, compiled, end - start, hidden.device,
+                                         forced=plan.options.compile is True)
             if step is not _chunk_step:
                 policy.mark_rows_dynamic(logits, *rows_c, cot)
             value, aux, dbias = step(plan.fn, kwargs, plan.row_keys, logits, rows_c, cot, want_b)

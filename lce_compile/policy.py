@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 
 import torch
 
@@ -131,13 +132,50 @@ def _compiled(step):
     return torch.compile(step, fullgraph=True, options=_STEP_OPTIONS)
 
 
-def chunk_function(step, compiled: bool, rows: int):
+def chunk_function(step, compiled: bool, rows: int, device: torch.device, forced: bool = False):
     """``step`` compiled, or ``step`` itself. Empty chunks run eagerly (no graph is worth specializing
     for them). Never called inside a user's ``torch.compile``: that path is engine._traced_forward.
+
+    ``forced``: the user asked for ``compile=True``. Otherwise a CPU without a working C++ compiler (Inductor's
+    CPU code is C++) falls back to eager chunks, once, with a warning.
     """
     if rows == 0 or not compiled:
         return step
-    return _compiled(step)
+    if device.type != "cpu":
+        return _compiled(step)
+    if _no_cpu_compiler and not forced:
+        return step
+    return functools.partial(_run_compiled, _compiled(step), step, forced)
+
+
+_no_cpu_compiler = False  # set once a CPU compile found no C++ compiler
+
+
+def _run_compiled(compiled, eager, forced, *args):
+    global _no_cpu_compiler
+    try:
+        return compiled(*args)
+    except Exception as exc:
+        if not _is_missing_compiler(exc):
+            raise
+        if forced:
+            raise RuntimeError("lce_compile: FusedOptions(compile=True) needs a working C++ compiler on the CPU "
+                               "(torch.compile's Inductor builds C++ there), and none was found: install g++ or "
+                               "clang++ (or point the CXX environment variable at one), or pass "
+                               "FusedOptions(compile=False).") from exc
+        _no_cpu_compiler = True
+        warnings.warn("lce_compile: no working C++ compiler for torch.compile on the CPU, so the chunks run eagerly "
+                      "(slower, same results). Install g++ or clang++ (or set CXX), or pass "
+                      "FusedOptions(compile=False) to choose eager chunks and silence this warning.", stacklevel=4)
+        return eager(*args)
+
+
+def _is_missing_compiler(exc) -> bool:
+    while exc is not None:
+        if type(exc).__name__ == "InvalidCxxCompiler":
+            return True
+        exc = exc.__cause__ or getattr(exc, "inner_exception", None)
+    return False
 
 
 def mark_rows_dynamic(*tensors) -> None:
@@ -310,7 +348,7 @@ def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype ``torch.autocast`` runs matmuls in on this device, or None when it is off."""
-    if not torch.is_autocast_enabled(device.type):
+    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)
 
@@ -325,6 +363,8 @@ def autocast_input(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
 def under_function_transform() -> bool:
     """Whether a torch.func transform (grad, vmap, ...) is running, which the engine's autograd.Function (it
     differentiates its chunks in the forward pass) cannot support."""
+    if torch.compiler.is_compiling():  # tracing answers for itself
+        return False
     peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
     return peek is not None and peek() is not None
 

@@ -1,5 +1,6 @@
 """Bad input gets a ValueError/TypeError naming the argument and what was expected (wording pinned)."""
 import expecttest
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -25,10 +26,8 @@ ValueError: linear_cross_entropy: hidden's last dimension must equal weight's D 
 ValueError: linear_cross_entropy: weight must have shape (V, D), got (8,).""")
 
     def test_dtype_mismatch(self):
-        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W.double(), T)), """\
-TypeError: linear_cross_entropy: hidden and weight must have one dtype, got torch.float32 and torch.float64.""")
-        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H.long(), W, T)), """\
-TypeError: linear_cross_entropy: hidden must be float32, bfloat16 or float16, got torch.int64.""")
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W.double(), T)), """TypeError: linear_cross_entropy: hidden and weight must have one dtype, got torch.float32 and torch.float64. Cast one, or run the loss under torch.autocast.""")
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H.long(), W, T)), """TypeError: linear_cross_entropy: hidden must be float32, bfloat16, float16 or float64, got torch.int64.""")
 
     def test_targets_shape(self):
         self.assertExpectedInline(_message(lambda: linear_cross_entropy(H.view(2, 2, 8), W, T)), """\
@@ -106,8 +105,7 @@ ValueError: linear_kd_loss: teacher_weight must have the student's vocabulary V 
 ValueError: linear_kd_loss: teacher_hidden must have student_hidden's leading shape (4,) (one teacher row per token), got (3, 6).""")
         self.assertExpectedInline(_message(lambda: linear_kd_loss(H, W, teacher_h, teacher_w.T)), """\
 ValueError: linear_kd_loss: teacher_hidden's last dimension must equal teacher_weight's D = 11 (teacher_weight is (V, D) = (6, 11)), got teacher_hidden (4, 6).""")
-        self.assertExpectedInline(_message(lambda: linear_kd_loss(H, W, teacher_h, teacher_w.long())), """\
-TypeError: linear_kd_loss: teacher_weight must be float32, bfloat16 or float16, got torch.int64.""")
+        self.assertExpectedInline(_message(lambda: linear_kd_loss(H, W, teacher_h, teacher_w.long())), """TypeError: linear_kd_loss: teacher_weight must be float32, bfloat16, float16 or float64, got torch.int64.""")
         self.assertExpectedInline(_message(lambda: linear_kd_loss(H, W, teacher_h, teacher_w, kind="kl")), """\
 ValueError: linear_kd_loss: kind must be one of 'forward_kl', 'reverse_kl', 'jsd', got 'kl'.""")
         self.assertExpectedInline(_message(lambda: linear_kd_loss(H, W, teacher_h, teacher_w, hard_weight=0.5)), """\
@@ -142,3 +140,25 @@ ValueError: linear_dpo_loss: ref_logprobs must have shape (2B,) = (2,) or (2B, T
 
 if __name__ == "__main__":
     expecttest.run_tests()
+
+
+def test_module_forms_check_keywords_and_show_options():
+    from lce_compile import LinearCrossEntropyLoss, LinearDPOLoss, LinearGRPOLoss, LinearTokenLogprobs
+    with pytest.raises(TypeError, match="unknown keyword 'loss_typ'"):
+        LinearGRPOLoss(loss_typ="dapo")
+    with pytest.raises(TypeError, match="unknown keyword 'betta'"):
+        LinearDPOLoss(betta=0.1)
+    assert "temperature=0.7" in repr(LinearTokenLogprobs(temperature=0.7))
+    module = LinearCrossEntropyLoss(class_weight=torch.ones(5), options=FusedOptions(chunk_size=8))
+    assert "class_weight=Tensor(5,)" in repr(module) and "chunk_size=8" in repr(module)
+
+
+def test_meta_device_runs_shapes_only():
+    """A meta-device call (shape inference, deferred init) skips the value checks and returns meta results."""
+    hidden = torch.randn(10, 4, device="meta", requires_grad=True)
+    weight = torch.randn(7, 4, device="meta", requires_grad=True)
+    targets = torch.randint(0, 7, (10,), device="meta")
+    loss = linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    assert loss.device.type == "meta" and hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
+

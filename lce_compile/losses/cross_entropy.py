@@ -183,5 +183,7 @@ class LinearCrossEntropyLoss(nn.Module):
             reduction=self.reduction, return_aux=self.return_aux, options=self.options)
 
     def extra_repr(self):
-        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-                f"softcap={self.softcap}, z_loss={self.z_loss}, reduction={self.reduction!r}")
+        weights = "None" if self.class_weight is None else f"Tensor{tuple(self.class_weight.shape)}"
+        return (f"class_weight={weights}, ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"softcap={self.softcap}, z_loss={self.z_loss}, reduction={self.reduction!r}, "
+                f"return_aux={self.return_aux!r}, options={self.options!r}")

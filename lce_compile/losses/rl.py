@@ -321,6 +321,9 @@ class LinearTokenLogprobs(nn.Module):
         return linear_token_logprobs(hidden, weight, token_ids, temperature=self.temperature,
                                      return_entropy=self.return_entropy, bias=bias, options=self.options)
 
+    def extra_repr(self):
+        return f"temperature={self.temperature}, return_entropy={self.return_entropy}, options={self.options!r}"
+
 
 class LinearGRPOLoss(nn.Module):
     """:func:`linear_grpo_loss` as a module: ``forward(hidden, weight, token_ids, completion_mask, advantages,
@@ -328,6 +331,8 @@ class LinearGRPOLoss(nn.Module):
 
     def __init__(self, **options):
         super().__init__()
+        checks.check_module_keywords(type(self).__name__, linear_grpo_loss, options,
+                                     per_call=("old_logprobs", "ref_logprobs", "bias"))
         self.options = options
 
     def forward(self, hidden, weight, token_ids, completion_mask, advantages, old_logprobs=None,
@@ -345,6 +350,7 @@ class LinearDPOLoss(nn.Module):
 
     def __init__(self, **options):
         super().__init__()
+        checks.check_module_keywords(type(self).__name__, linear_dpo_loss, options)
         self.options = options
 
     def forward(self, hidden, weight, token_ids, completion_mask, ref_logprobs, bias=None):
