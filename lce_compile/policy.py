@@ -87,18 +87,26 @@ def chunk_rows(weight: torch.Tensor, options: FusedOptions, buffers: int = 1) ->
     return rows // 128 * 128 if rows >= 256 else max(16, rows // 16 * 16)
 
 
+# Chunks unrolled into a user's torch.compile graph. Measured on the CPU (2 cores, torch 2.13, cold Inductor
+# cache): see docs/design.md. Inside a compiled graph Inductor may keep every chunk's logits live at once (it fuses
+# their reductions: measured on an H200), so more chunks would buy compile time, not memory.
+_TRACED_MAX_CHUNKS = 4
+
+
 def chunk_bounds(n, chunk: int):
     """(start, end) of near-equal chunks of at most ``chunk`` rows.
 
-    Inside ``torch.compile`` the count is a power of two: it changes only when ``n`` crosses
-    ``chunk * 2**k``, so a symbolic ``n`` guards on that range rather than on ``n`` itself, and
-    recompiles stay logarithmic in ``n``. Eagerly it is the smallest count that fits.
+    Inside ``torch.compile`` the loop is unrolled into the user's graph, so the count is a power of two of at
+    most ``_TRACED_MAX_CHUNKS`` (chunks grow beyond ``chunk`` rows past that): it changes only when ``n`` crosses
+    ``chunk * 2**k``, so a symbolic ``n`` guards on that range rather than on ``n`` itself; recompiles are at most
+    ``log2(_TRACED_MAX_CHUNKS) + 1`` and the compile time does not grow with ``n``. Eagerly it is the smallest
+    count that fits.
     """
     if n == 0:
         return [(0, 0)]
     if torch.compiler.is_compiling():
         count = 1
-        while count * chunk < n:
+        while count * chunk < n and count < _TRACED_MAX_CHUNKS:
             count *= 2
     else:
         count = -(-n // chunk)
