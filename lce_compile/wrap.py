@@ -40,7 +40,10 @@ def fused_loss(fn=None, /, *, returns: str = "rows", mean_over=None, upcast: boo
         * ``returns="sum"``: a scalar that is the sum over its rows of a per-row loss.
         * ``returns="mean"``: a scalar that is the weighted mean over its rows of a per-row loss, with
           weights ``mean_over(*row_inputs) -> (C,)`` (default: every row weighs 1), e.g.
-          ``mean_over=lambda targets: targets != -100`` for a mean over kept tokens.
+          ``mean_over=lambda targets: targets != -100`` for a mean over kept tokens. The weights must be
+          the ones ``fn`` averages with: a ``fn`` that averages over kept tokens declared without
+          ``mean_over`` returns NaN (0/0) for a chunk with no kept token, and the fused result is NaN where
+          the unfused one is a number.
         A declaration is a promise about ``fn``: chunk results are combined as sums or weighted means,
         which is exact only if ``fn`` is one. Scalar declarations compute gradients in the forward pass.
 
@@ -61,6 +64,7 @@ def fused_loss(fn=None, /, *, returns: str = "rows", mean_over=None, upcast: boo
     Memory: the gradients plus one ``(C, V)`` chunk; never ``(N, V)``, on any device.
 
     .. note::
+        Under ``torch.autocast``, ``fn`` runs outside it, on logits from matmuls in the autocast dtype.
         Only ``hidden``, ``weight`` and ``bias`` get gradients; another input that requires grad raises
         ``NotImplementedError``. Row inputs must have hidden's leading shape (``ValueError`` otherwise).
     """
