@@ -20,8 +20,11 @@ __all__ = ["FusedOptions"]
 _CHUNK_MEMORY = 0.5
 _MAX_CHUNK_BYTES = 1 << 30
 # Compiled by default: CUDA always; the CPU from 2**26 logits per call, where fusing the chunk's
-# elementwise work pays for Inductor's C++ build (tens of seconds, once per shape); below that, eager
-# chunks are as fast. MPS: Inductor's Metal backend is still experimental.
+# elementwise work pays for Inductor's C++ build (~12 s for the first call, once per loss and dtype); below
+# that, eager chunks. Measured at 2**25 logits (2 cores, torch 2.13, 2026-12-01; docs/benchmarks.md): compiled
+# chunks were as fast as eager unfused side by side (cross-entropy 0.99, against 1.36 with eager chunks) but
+# their fp32 errors were 3.5x the unfused code's (Inductor's CPU sums), so the threshold stays.
+# MPS: Inductor's Metal backend is still experimental.
 _COMPILE_FROM_LOGITS = {"cuda": 0, "cpu": 1 << 26}
 
 
@@ -387,6 +390,9 @@ def outside_saved_tensor_hooks():
     """
     autograd = torch._C._autograd
     set_aside = []
+    if not hasattr(autograd, "_top_saved_tensors_default_hooks"):  # a torch without the stack's accessors
+        yield
+        return
     while (hooks := _top_saved_tensor_hooks(autograd)) is not None:
         set_aside.append(hooks)
         autograd._pop_saved_tensors_default_hooks()

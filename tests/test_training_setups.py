@@ -228,3 +228,20 @@ def test_no_cxx_compiler_falls_back_to_eager_chunks(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _NO_COMPILER_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_autocast_inside_user_compile_fullgraph():
+    hidden, weight, targets = make_inputs(40, D, V, seed=9)
+    fused = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, options=OPTS), fullgraph=True,
+                          backend="aot_eager")
+
+    def under_autocast(fn, h, w, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(h, w, t)
+    gold = _step(unfused_cross_entropy, hidden.double(), weight.double(), targets)
+    ref = _step(unfused_cross_entropy, hidden, weight, targets, under_autocast)
+    got = _step(fused, hidden, weight, targets, under_autocast)
+    for part, g, r, o in zip(("loss", "grad_hidden", "grad_weight"), gold, ref, got):
+        assert o.dtype == r.dtype
+        err, ref_err = (o.double() - g).abs().mean(), (r.double() - g).abs().mean()
+        assert err <= 1.25 * ref_err + 1e-6 * g.abs().mean(), f"{part}: {err:.2e} > 1.25 x unfused {ref_err:.2e}"

@@ -101,6 +101,11 @@ def _make_fused_lean():
                              options=FusedOptions(chunk_memory=0.1))
 
 
+def _make_fused_compiled():
+    from lce_compile import FusedOptions, linear_cross_entropy
+    return functools.partial(linear_cross_entropy, ignore_index=IGNORE_INDEX, options=FusedOptions(compile=True))
+
+
 def _make_fused_softcap():
     from lce_compile import linear_cross_entropy
     return functools.partial(linear_cross_entropy, ignore_index=IGNORE_INDEX, softcap=SOFTCAP, z_loss=Z_LOSS)
@@ -145,6 +150,8 @@ METHODS = {
     "compile": Method(_make_compile, "torch.compile of the unfused code", default_on=("cuda",), compiles=True),
     # lce_compile compiles its chunk functions on CUDA, and on the CPU for large calls
     "fused": Method(_make_fused, "lce_compile.linear_cross_entropy, default options", compiles=True),
+    "fused_compiled": Method(_make_fused_compiled, "lce_compile.linear_cross_entropy, FusedOptions(compile=True)",
+                             default_on=(), compiles=True),
     "fused_lean": Method(_make_fused_lean, "lce_compile.linear_cross_entropy, FusedOptions(chunk_memory=0.1)",
                          default_on=("cuda",), compiles=True),
     "fused_softcap": Method(_make_fused_softcap, f"lce_compile.linear_cross_entropy, softcap={SOFTCAP}, "
@@ -215,12 +222,14 @@ def _make_kd_compile(kind):
     return lambda hidden, weight, targets: compiled(hidden, weight, *_teacher_for(hidden, weight), targets)
 
 
-def _make_kd_fused(kind):
-    from lce_compile import linear_kd_loss
+def _make_kd_fused(kind, compile=None):
+    from lce_compile import FusedOptions, linear_kd_loss
+    options = FusedOptions(compile=compile)
 
     def fused(hidden, weight, targets):
         t_hidden, t_weight = _teacher_for(hidden, weight)
-        return linear_kd_loss(hidden, weight, t_hidden, t_weight, targets, kind=kind, ignore_index=IGNORE_INDEX)
+        return linear_kd_loss(hidden, weight, t_hidden, t_weight, targets, kind=kind, ignore_index=IGNORE_INDEX,
+                              options=options)
     return fused
 
 
@@ -237,7 +246,10 @@ def _make_kd_liger(kind):
     return liger
 
 
-KD_METHODS = {"eager": Method(lambda: unfused_kd, "unfused forward KL: both heads' full logits", loss="kd")}
+KD_METHODS = {"eager": Method(lambda: unfused_kd, "unfused forward KL: both heads' full logits", loss="kd"),
+              "fused_compiled": Method(functools.partial(_make_kd_fused, "forward_kl", True),
+                                       "lce_compile.linear_kd_loss(kind='forward_kl'), FusedOptions(compile=True)",
+                                       default_on=(), compiles=True, loss="kd")}
 for _kind, _suffix in (("forward_kl", ""), ("reverse_kl", "_reverse_kl"), ("jsd", "_jsd")):
     _loss = "kd" + _suffix
     REFERENCES[_loss] = functools.partial(unfused_kd, kind=_kind)
@@ -299,13 +311,14 @@ def _make_grpo_compile():
     return lambda hidden, weight, targets: compiled(hidden, weight, *grpo_rollout(targets))
 
 
-def _make_grpo_fused():
-    from lce_compile import linear_grpo_loss
+def _make_grpo_fused(compile=None):
+    from lce_compile import FusedOptions, linear_grpo_loss
+    options = FusedOptions(compile=compile)
 
     def fused(hidden, weight, targets):
         ids, mask, advantages, ref = grpo_rollout(targets)
         return linear_grpo_loss(hidden.view(*ids.shape, -1), weight, ids, mask, advantages, ref_logprobs=ref,
-                                beta=0.04, loss_type="dapo")
+                                beta=0.04, loss_type="dapo", options=options)
     return fused
 
 
@@ -314,6 +327,8 @@ GRPO_METHODS = {
     "compile": Method(_make_grpo_compile, "torch.compile of the unfused GRPO loss", default_on=("cuda",),
                       compiles=True, loss="grpo"),
     "fused": Method(_make_grpo_fused, "lce_compile.linear_grpo_loss(loss_type='dapo')", compiles=True, loss="grpo"),
+    "fused_compiled": Method(functools.partial(_make_grpo_fused, True), "lce_compile.linear_grpo_loss(loss_type='dapo'), "
+                             "FusedOptions(compile=True)", default_on=(), compiles=True, loss="grpo"),
 }
 REFERENCES["grpo"] = unfused_grpo
 LOSSES["grpo"] = GRPO_METHODS
