@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn import _reduction
 
-from . import checks
+from . import checks, policy
 from .engine import Plan, fused_call, kept_row_weight
 from .policy import DEFAULT_OPTIONS, FusedOptions
 
@@ -166,7 +166,8 @@ def _class_index_form(self, hidden, weight, bias, row_inputs, kwargs, options):
         static["label_smoothing"] = args["label_smoothing"]
     row_weight = kept_row_weight(targets, ignore_index, class_weight) if reduction == "mean" else None
     if class_weight is not None:  # F.cross_entropy wants the logits' dtype
-        logits_dtype = torch.promote_types(hidden.dtype, torch.float32) if self.upcast else hidden.dtype
+        matmul_dtype = policy.autocast_dtype(hidden.device) or hidden.dtype
+        logits_dtype = torch.promote_types(matmul_dtype, torch.float32) if self.upcast else matmul_dtype
         class_weight = class_weight.to(logits_dtype)
     tensors = {} if class_weight is None else {"weight": class_weight}
     plan = Plan(self.name, self.row_fn, "rows", reduction, static, options, tuple(tensors))
