@@ -1,4 +1,5 @@
-"""Input validation. Every user-facing error message of the package is written here.
+"""Input validation and the engine's errors. The checks shared by the losses and their messages live here;
+options that only one loss has are checked beside it, with the same template.
 
 Template: ``<function>: <argument> <expected>, got <actual>.[ <one-line fix>]``. Shape and device checks
 cost nothing on the device; value checks (target range) read one scalar back, so they run once before the

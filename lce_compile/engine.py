@@ -71,16 +71,6 @@ def accumulation_dtype(hidden) -> torch.dtype:
     return torch.promote_types(hidden.dtype, torch.float32)
 
 
-def kept_row_weight(targets, ignore_index: int, class_weight=None) -> torch.Tensor:
-    """(N,) fp32 weight of each row in a global mean: 0 for ignored rows, else class_weight[target] or 1."""
-    kept = targets != ignore_index
-    if class_weight is None:
-        return kept.float()
-    class_weight = class_weight.to(torch.promote_types(class_weight.dtype, torch.float32))
-    picked = class_weight.gather(0, torch.where(kept, targets, 0).reshape(-1)).reshape(targets.shape)
-    return picked * kept
-
-
 def fused_call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), row_weight=None):
     """Run ``plan`` over ``hidden (..., D)``; returns the loss, or ``(loss, aux tuple)`` if plan has aux.
 
@@ -243,7 +233,7 @@ def _reduce(plan, values, out_dtype, denom):
 
 
 def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotangent, row_weight, needs):
-    """The only loop over chunks.
+    """The eager loop over chunks (inside a user's torch.compile, ``_traced_forward`` loops instead).
 
     cotangent: None (values only), a 0-d scale for every row, or per-row ``(N,)`` upstream gradients.
     Returns ((values, dtype of fn's values), aux, (grad_hidden, grad_weight fp32, grad_bias fp32)); values

@@ -44,7 +44,8 @@ class FusedOptions:
             chunking, for debugging.
         validate (bool): check target values (range) before the chunk loop. This reads one scalar back
             from the device; it is skipped inside ``torch.compile``. Unchecked out-of-range targets give a
-            NaN loss in :func:`linear_cross_entropy`. Default: ``True``.
+            NaN loss in :func:`linear_cross_entropy` (with ``class_weight`` or ``label_smoothing``, PyTorch's
+            own error: an ``IndexError`` on the CPU, a device-side assert on CUDA). Default: ``True``.
     """
 
     chunk_size: int | None = None

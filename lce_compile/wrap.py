@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.nn import _reduction
 
 from . import checks, policy
-from .engine import Plan, fused_call, kept_row_weight
+from .engine import Plan, fused_call
+from .losses._rows import kept_row_weight
 from .policy import DEFAULT_OPTIONS, FusedOptions
 
 _RETURNS = ("rows", "sum", "mean")

@@ -1,9 +1,10 @@
 """The methods the benchmark compares: a registry of ``name -> Method``.
 
-Every method builds a loss function ``fn(hidden (N, D), weight (V, D), targets (N,)) -> scalar`` with the
-same meaning: mean cross-entropy over the kept tokens, ``ignore_index=-100``. To add a method (say a lean
-``FusedOptions``), add an entry to ``METHODS``; to add a loss, add its fp64 reference to ``REFERENCES`` and
-point the new methods' ``loss`` at it.
+Every method builds a loss function ``fn(hidden (N, D), weight (V, D), targets (N,)) -> scalar``; within one
+family (``LOSSES[name]``: cross-entropy, distillation, GRPO, DPO, token log-probs) every method computes the
+same quantity (for cross-entropy: the mean over the kept tokens, ``ignore_index=-100``), named by its
+``loss``. To add a method (say a lean ``FusedOptions``), add an entry to the family's table; to add a loss,
+add its reference to ``REFERENCES`` and point the new methods' ``loss`` at it.
 
 References are the unfused formulas (full logits), evaluated in fp64 on the CPU and in fp32 without TF32 on
 CUDA, each through the same ``fn(hidden, weight, targets) -> scalar`` as the methods; the cross-entropy ones

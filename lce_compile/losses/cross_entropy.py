@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checks
-from ..engine import Plan, fused_call, kept_row_weight
+from ..engine import Plan, fused_call
 from ..policy import DEFAULT_OPTIONS, FusedOptions
+from ._rows import kept_row_weight, target_log_prob, widen
 
 _NAME = "linear_cross_entropy"
 
@@ -39,25 +40,6 @@ class AuxOutput(NamedTuple):
     loss: Optional[torch.Tensor] = None
     lse: Optional[torch.Tensor] = None
     correct: Optional[torch.Tensor] = None
-
-
-def widen(logits):
-    """fp32 for 16-bit logits; fp32 and fp64 stay as they are."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def target_log_prob(z, targets):
-    """(log softmax(z)[target], logsumexp(z)) per row of fp32 logits ``z`` (C, V).
-
-    The target logit is a masked sum rather than a gather: it fuses into the same pass over the vocabulary as
-    the logsumexp, and its gradient is elementwise (a gather's is a scatter into a (C, V) buffer).
-    Out-of-range targets (unchecked, ``validate=False``, or ignored rows) give NaN, never a plausible number.
-    """
-    lse = torch.logsumexp(z, dim=-1)
-    columns = torch.arange(z.shape[-1], device=z.device)
-    picked = torch.where(columns == targets.unsqueeze(-1), z, 0.0).sum(-1)
-    in_range = (targets >= 0) & (targets < z.shape[-1])
-    return torch.where(in_range, picked - lse, float("nan")), lse
 
 
 def _ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoothing=0.0, softcap=None,

@@ -9,7 +9,7 @@ from torch import nn
 from .. import checks, policy
 from ..engine import Head, Plan, fused_call
 from ..policy import DEFAULT_OPTIONS, FusedOptions
-from .cross_entropy import target_log_prob, widen
+from ._rows import target_log_prob, widen
 
 _NAME = "linear_kd_loss"
 KINDS = ("forward_kl", "reverse_kl", "jsd")

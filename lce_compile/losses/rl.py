@@ -8,7 +8,8 @@ from torch import nn
 from .. import checks
 from ..engine import Plan, fused_call
 from ..policy import DEFAULT_OPTIONS, FusedOptions
-from .cross_entropy import target_log_prob, widen
+from ._rows import clipped_surrogate, clipped_tokens, k3_kl, target_log_prob, widen
+from ._rows import entropy as row_entropy
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 LEVELS = ("token", "sequence")
@@ -20,9 +21,7 @@ def _logprob_rows(logits, token_ids, *, temperature=1.0, entropy=False):
     logp, lse = target_log_prob(z, token_ids)
     if not entropy:
         return logp
-    # H = lse - sum p z: no (C, V) log-probability tensor is formed
-    ent = lse - (torch.exp(z - lse.unsqueeze(-1)) * z).sum(-1)
-    return torch.stack((logp, ent), dim=-1)
+    return torch.stack((logp, row_entropy(z, lse)), dim=-1)
 
 
 def _grpo_rows(logits, token_ids, row_weight, advantages, old=None, ref=None, *, temperature=1.0, beta=0.0,
@@ -32,19 +31,15 @@ def _grpo_rows(logits, token_ids, row_weight, advantages, old=None, ref=None, *,
     z = widen(logits) / temperature
     logp, lse = target_log_prob(z, token_ids)
     ratio = torch.exp(logp - (logp.detach() if old is None else old))
-    loss = -torch.minimum(ratio * advantages, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages)
-    kl = None
-    if ref is not None:
-        delta = ref - logp
-        kl = torch.exp(delta) - delta - 1
-        if beta:
-            loss = loss + beta * kl
+    loss = clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high)
+    kl = None if ref is None else k3_kl(ref, logp)
+    if kl is not None and beta:
+        loss = loss + beta * kl
     value = torch.where(row_weight != 0, loss * row_weight, 0.0)
     if not stats:
         return value
-    clipped = ((ratio < 1 - epsilon_low) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
-    entropy = lse - (torch.exp(z - lse.unsqueeze(-1)) * z).sum(-1)
-    aux = (clipped.float(), entropy) + (() if kl is None else (kl,))
+    clipped = clipped_tokens(ratio, advantages, epsilon_low, epsilon_high)
+    aux = (clipped.float(), row_entropy(z, lse)) + (() if kl is None else (kl,))
     return value, tuple(a.detach() for a in aux)
 
 
@@ -137,26 +132,23 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
     # plain PyTorch over the fused log-probabilities (whose chunks are recomputed in backward).
     out = linear_token_logprobs(hidden, weight, token_ids, temperature=temperature, return_entropy=return_stats,
                                 bias=bias, options=options)
-    logp, entropy = out if return_stats else (out, None)
+    logp, token_entropy = out if return_stats else (out, None)
     mask = completion_mask.to(logp.dtype)
     old = logp.detach() if old_logprobs is None else old_logprobs.to(logp.dtype)
     log_ratio = (logp - old) * mask
     log_ratio = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
     ratio = torch.exp(log_ratio)
     adv = advantages.to(logp.dtype).unsqueeze(-1)
-    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)
-    kl = None
-    if ref_logprobs is not None:
-        delta = ref_logprobs.to(logp.dtype) - logp
-        kl = torch.exp(delta) - delta - 1
-        if beta:
-            per_token = per_token + beta * kl
+    per_token = clipped_surrogate(ratio, adv, epsilon_low, epsilon_high)
+    kl = None if ref_logprobs is None else k3_kl(ref_logprobs.to(logp.dtype), logp)
+    if kl is not None and beta:
+        per_token = per_token + beta * kl
     loss = (per_token * mask * _grpo_row_weight(mask, loss_type, max_completion_length)).sum()
     if not return_stats:
         return loss
     with torch.no_grad():
-        clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
-        return loss, _grpo_stats(mask, clipped.expand_as(mask).float(), entropy, kl)
+        clipped = clipped_tokens(ratio, adv, epsilon_low, epsilon_high)
+        return loss, _grpo_stats(mask, clipped.expand_as(mask).float(), token_entropy, kl)
 
 
 def _grpo_row_weight(mask, loss_type, max_completion_length):
