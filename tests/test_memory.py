@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from lce_compile import FusedOptions, fused_loss, linear_cross_entropy
 from memtrack import AllocationTracker
-from reference import make_inputs
+from lce_compile.testing import make_inputs
 
 D, V, CHUNK = 64, 8192, 32
 # Eager chunks: a dispatch mode sees every allocation of eager code (a compiled chunk's internal buffers

@@ -1,7 +1,43 @@
-"""Independent unfused references and input helpers shared by the tests."""
+"""Unfused references and the accuracy check the project's tests use, for testing a fused loss of one's own.
+
+    from lce_compile.testing import assert_no_less_accurate, forward_backward, make_inputs, unfused_cross_entropy
+
+    hidden, weight, targets = make_inputs(4096, 256, 32003)
+    gold = forward_backward(unfused_cross_entropy, hidden, weight, targets, torch.float64)
+    ref = forward_backward(unfused_cross_entropy, hidden, weight, targets, torch.bfloat16)
+    got = forward_backward(my_fused_loss, hidden, weight, targets, torch.bfloat16)
+    assert_no_less_accurate(got, ref, gold)   # loss, grad_hidden, grad_weight
+
+The references are written from the formulas with full logits, independently of the fused engine.
+"""
+from __future__ import annotations
+
 import torch
 import torch.nn.functional as F
 
+__all__ = ["NOISE", "assert_no_less_accurate", "forward_backward", "make_inputs", "unfused_cross_entropy",
+           "unfused_kd"]
+
+# The noise term of the accuracy check, relative to the mean magnitude of the fp64 result: a few fp32 roundings
+# (a fused and an unfused computation sum in different orders, so even fp32 against fp32 differs by this).
+NOISE = 16 * torch.finfo(torch.float32).eps
+
+
+def assert_no_less_accurate(got, ref, gold, *, factor=1.1, noise=NOISE, names=("loss", "grad_hidden", "grad_weight")):
+    """Each tensor of ``got`` is no further from ``gold`` than ``factor`` times the unfused ``ref``, plus ``noise``.
+
+    ``got``, ``ref``, ``gold``: matching sequences (as :func:`forward_backward` returns them) of the fused result,
+    the unfused code's in the same dtype, and an fp64 one. Error: mean absolute difference from ``gold``. The
+    bound is ``factor * error(ref) + noise * mean(|gold|)``; ``factor`` may be one number or one per tensor.
+    ``got`` and ``ref`` must have the same dtypes.
+    """
+    factors = tuple(factor) if isinstance(factor, (tuple, list)) else (factor,) * len(gold)
+    for name, g, r, o, f in zip(names, gold, ref, got, factors):
+        if o.dtype != r.dtype:
+            raise AssertionError(f"{name}: dtype {o.dtype}, the unfused code's is {r.dtype}")
+        err, ref_err = (o.double() - g).abs().mean(), (r.double() - g).abs().mean()
+        if not err <= f * ref_err + noise * g.abs().mean():
+            raise AssertionError(f"{name}: error {err:.2e} > {f} x the unfused code's {ref_err:.2e} (+ noise)")
 
 def make_inputs(lead, dim, vocab, dtype=torch.float32, seed=0, ignored=0.1, ignore_index=-100):
     """hidden (*lead, D), weight (V, D), targets (*lead): logit std ~4, a fraction of targets ignored."""
@@ -39,7 +75,7 @@ def unfused_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=No
     return loss.sum() / denom
 
 
-def run(loss_fn, hidden, weight, targets, dtype=None, /, *, bias=None, upstream=None, **kw):
+def forward_backward(loss_fn, hidden, weight, targets, dtype=None, /, *, bias=None, upstream=None, **kw):
     """Forward + backward in ``dtype`` -> (loss, grad_hidden, grad_weight[, grad_bias])."""
     dtype = dtype or hidden.dtype
     h = hidden.detach().to(dtype).requires_grad_()
