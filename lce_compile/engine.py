@@ -14,7 +14,7 @@ import torch
 from torch.func import grad_and_value
 from torch.utils.checkpoint import checkpoint
 
-from . import checks, policy
+from . import checks, ops, policy
 from .policy import FusedOptions
 
 
@@ -48,7 +48,7 @@ class Head(NamedTuple):
 
     def logits(self) -> torch.Tensor:
         with torch.no_grad():
-            return policy.linear(self.hidden.detach(), self.weight.detach(),
+            return ops.linear(self.hidden.detach(), self.weight.detach(),
                                  None if self.bias is None else self.bias.detach())
 
 
@@ -102,17 +102,18 @@ def fused_call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), r
     if plan.reduction == "mean":
         denom = row_weight.sum() if row_weight is not None else hidden.new_tensor(float(n), dtype=acc)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    sched = policy.schedule(_chunk_step, hidden, weight, plan.options, _buffers(row_inputs))  # decided once
     if torch.compiler.is_compiling():
         # Inside a user's torch.compile: plain differentiable chunks, each checkpointed, so that AOTAutograd
         # derives the backward (recomputing each chunk's logits) and Inductor fuses it. (Traced, the
         # gradient-in-forward autograd.Function gave wrong gradients with torch 2.11 on CUDA, cause not isolated.)
-        out = _traced_forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
+        out = _traced_forward(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
     elif torch.is_grad_enabled() and any(needs):
-        out = _FusedLinearLoss.apply(plan, needs, hidden, weight, bias, row_weight, denom,
+        out = _FusedLinearLoss.apply(plan, sched, needs, hidden, weight, bias, row_weight, denom,
                                      *row_inputs, *tensor_kwargs)
     else:
         with torch.no_grad():
-            out = _forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
+            out = _forward(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
     value, aux = out[0], out[1:]
     if plan.reduction == "none":
         value = value.reshape(*lead, *plan.row_shape)
@@ -122,10 +123,10 @@ def fused_call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), r
 
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan, needs, hidden, weight, bias, row_weight, denom, *tensors):
+    def forward(ctx, plan, sched, needs, hidden, weight, bias, row_weight, denom, *tensors):
         n_rows = len(tensors) - len(plan.tensor_keys)
         row_inputs, tensor_kwargs = tensors[:n_rows], tensors[n_rows:]
-        ctx.plan, ctx.needs, ctx.n_rows = plan, needs, n_rows
+        ctx.plan, ctx.sched, ctx.needs, ctx.n_rows = plan, sched, needs, n_rows
         # Saved for a backward that recomputes the chunks: every backward for "none" (the upstream gradient is
         # per row and unknown until then), the second and later ones for "mean"/"sum" (retain_graph, gradcheck).
         # The inputs are alive for the caller's backward anyway; under activation checkpointing they are
@@ -135,9 +136,9 @@ class _FusedLinearLoss(torch.autograd.Function):
                               *(None if i in ctx.heads else t for i, t in enumerate(tensors)))
         ctx.grads = None
         if plan.reduction == "none":
-            out = _forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
+            out = _forward(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
         else:
-            values, aux, grads = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
+            values, aux, grads = _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs,
                                              cotangent=_reduction_scale(plan, hidden, denom),
                                              row_weight=row_weight, needs=needs)
             out = (_reduce(plan, *values, denom), *aux)
@@ -153,7 +154,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             raise checks.double_backward_error(plan.name)
         if ctx.grads is not None:
             grads, ctx.grads = ctx.grads, None
-            policy.scale_(grads, grad_value)
+            ops.scale_(grads, grad_value)
         else:
             hidden, weight, bias, row_weight, denom, *tensors = ctx.saved_tensors
             tensors = [ctx.heads.get(i, t) for i, t in enumerate(tensors)]
@@ -161,10 +162,11 @@ class _FusedLinearLoss(torch.autograd.Function):
             cotangent = grad_value.to(accumulation_dtype(hidden))
             if plan.reduction != "none":
                 cotangent = cotangent * _reduction_scale(plan, hidden, denom)
-            _, _, grads = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, cotangent=cotangent,
+            _, _, grads = _chunk_loop(plan, ctx.sched, hidden, weight, bias, row_inputs, tensor_kwargs,
+                                      cotangent=cotangent,
                                       row_weight=row_weight if plan.returns == "mean" else None, needs=needs)
             grads = _finish_grads(grads, hidden, weight, bias)
-        return (None, None, *grads, None, None) + (None,) * (len(ctx.needs_input_grad) - 7)
+        return (None, None, None, *grads, None, None) + (None,) * (len(ctx.needs_input_grad) - 8)
 
 
 def _reduction_scale(plan, hidden, denom):
@@ -180,18 +182,17 @@ def _mean_scale(denom):
     return torch.where(denom == 0, 0.0, 1.0 / denom)
 
 
-def _forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom):
-    values, aux, _ = _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs,
+def _forward(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom):
+    values, aux, _ = _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs,
                                  cotangent=None, row_weight=row_weight, needs=(False, False, False))
     return (_reduce(plan, *values, denom), *aux)
 
 
-def _traced_forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom):
+def _traced_forward(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom):
     """The values of ``_chunk_loop``, differentiable, for tracing by torch.compile."""
     kwargs = dict(plan.kwargs, **dict(zip(plan.tensor_keys, tensor_kwargs)))
     total, pieces, aux_pieces = hidden.new_zeros((), dtype=accumulation_dtype(hidden)), [], []
-    chunk = policy.chunk_rows(weight, plan.options, _buffers(row_inputs))
-    for start, end in policy.chunk_bounds(hidden.shape[0], chunk):
+    for start, end in sched.bounds:
         rows_c = _rows(row_inputs, start, end)  # frozen heads' logits are computed (and recomputed) inside
         value, aux = checkpoint(_chunk_values, plan.fn, kwargs, plan.row_keys, hidden[start:end], weight, bias,
                                 rows_c, use_reentrant=False)
@@ -205,7 +206,7 @@ def _traced_forward(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_w
 
 
 def _chunk_values(fn, kwargs, row_keys, hidden, weight, bias, row_inputs):
-    return _apply(fn, kwargs, row_keys, policy.linear(hidden, weight, bias), _materialize(row_inputs))
+    return _apply(fn, kwargs, row_keys, ops.linear(hidden, weight, bias), _materialize(row_inputs))
 
 
 def _apply(fn, kwargs, row_keys, logits, row_inputs):
@@ -232,29 +233,24 @@ def _reduce(plan, values, out_dtype, denom):
     return values.to(out_dtype)
 
 
-def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotangent, row_weight, needs):
+def _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotangent, row_weight, needs):
     """The eager loop over chunks (inside a user's torch.compile, ``_traced_forward`` loops instead).
 
     cotangent: None (values only), a 0-d scale for every row, or per-row ``(N,)`` upstream gradients.
     Returns ((values, dtype of fn's values), aux, (grad_hidden, grad_weight fp32, grad_bias fp32)); values
     are per-row for reduction "none", else the fp32 sum over chunks of each chunk's (weighted) value.
     """
-    n, vocab = hidden.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     want_h, want_w, want_b = needs if cotangent is not None else (False, False, False)
     kwargs = dict(plan.kwargs, **dict(zip(plan.tensor_keys, tensor_kwargs)))
     acc = accumulation_dtype(hidden)  # fp32, or fp64 for fp64 inputs
     grad_h = torch.empty_like(hidden) if want_h else None
-    grad_w = torch.empty(weight.shape, dtype=policy.grad_weight_dtype(weight), device=weight.device) \
-        if want_w else None
+    grad_w = torch.empty(weight.shape, dtype=sched.grad_weight_dtype, device=weight.device) if want_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if want_b else None
     total = hidden.new_zeros((), dtype=acc)
     pieces, aux_pieces, out_dtype = [], [[] for _ in plan.aux_keys], None
-    chunk = policy.chunk_rows(weight, plan.options, _buffers(row_inputs))
-    compiled = policy.wants_compile(hidden.device, plan.options, n * vocab)
-    # outside_saved_tensor_hooks: the chunks' own differentiation saves nothing for the caller's graph, and
-    # torch.func refuses to run under a caller's hooks (activation checkpointing, save_on_cpu)
-    with policy.compile_context(compiled), policy.fp32_reductions(hidden.device), policy.outside_saved_tensor_hooks():
-        for k, (start, end) in enumerate(policy.chunk_bounds(n, chunk)):
+    with sched.context():
+        for k, (start, end) in enumerate(sched.bounds):
             hidden_c, rows_c = hidden[start:end], _materialize(_rows(row_inputs, start, end))
             cot = cotangent if cotangent is None or cotangent.dim() == 0 else cotangent[start:end]
             chunk_weight = None
@@ -262,9 +258,8 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
                 chunk_weight = row_weight[start:end].sum()
                 cot = None if cot is None else cot * chunk_weight
             # one (C, V) buffer: the logits, then (written by the step, in place) their gradient
-            logits = policy.linear(hidden_c, weight, bias)
-            step = policy.chunk_function(_chunk_step, compiled, end - start, hidden.device,
-                                         forced=plan.options.compile is True)
+            logits = ops.linear(hidden_c, weight, bias)
+            step = sched.step_for(end - start, _chunk_step)
             if step is not _chunk_step:
                 policy.mark_rows_dynamic(logits, *rows_c, cot)
             value, aux, dbias = step(plan.fn, kwargs, plan.row_keys, logits, rows_c, cot, want_b)
@@ -276,7 +271,7 @@ def _chunk_loop(plan, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotang
             if want_h:
                 torch.mm(logits, weight, out=grad_h[start:end])
             if want_w:
-                policy.add_product_(grad_w, logits.t(), hidden_c, first=k == 0)
+                ops.add_product_(grad_w, logits.t(), hidden_c, first=k == 0)
             if want_b:
                 grad_b += dbias
             del logits, rows_c  # before the next chunk's buffers are allocated (a teacher's logits too)

@@ -1,6 +1,7 @@
-"""Chunk sizes, device dispatch, and when and how chunk functions are compiled.
+"""Every decision about a fused call: chunk sizes, whether and how chunk functions are compiled, accumulator
+dtypes, autocast and saved-tensor hooks. ``schedule`` answers once per call; the engine then runs it.
 
-Only this module looks at the device type or calls ``torch.compile``.
+Only this module and ``ops`` (the kernels) look at the device type or call ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import dataclasses
 import functools
 import warnings
 
+from typing import Callable
+
 import torch
+
+from . import ops
 
 __all__ = ["FusedOptions"]
 
@@ -69,6 +74,44 @@ class FusedOptions:
 
 
 DEFAULT_OPTIONS = FusedOptions()
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How one fused call runs, decided before its first chunk."""
+
+    bounds: tuple              # (start, end) rows of each chunk
+    compiled: bool             # whether the chunk step is compiled
+    step: Callable | None      # the step for non-empty chunks (compiled, with a fallback, or eager); None traced
+    grad_weight_dtype: torch.dtype  # the weight gradient's accumulator across chunks
+    device: torch.device
+
+    def step_for(self, rows: int, eager: Callable) -> Callable:
+        """The step for a chunk of ``rows`` rows: empty chunks run eagerly (no graph is worth specializing)."""
+        return self.step if rows and self.step is not None else eager
+
+    def context(self):
+        """What the loop runs within: a raised recompile limit while compiling, fp32 matmul reductions on CUDA,
+        and the caller's saved-tensor hooks set aside."""
+        stack = contextlib.ExitStack()
+        if self.compiled:
+            stack.enter_context(ops.compile_context(True))
+        stack.enter_context(ops.fp32_reductions(self.device))
+        stack.enter_context(outside_saved_tensor_hooks())
+        return stack
+
+
+def schedule(step: Callable, hidden: torch.Tensor, weight: torch.Tensor, options: FusedOptions,
+             buffers: int = 1) -> Schedule:
+    """The schedule of a call over ``hidden (N, D)``: ``step`` is the engine's chunk step, run as is or compiled.
+    ``buffers``: (C, V) logits buffers a chunk holds (1, plus one per frozen head)."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    bounds = tuple(chunk_bounds(n, chunk_rows(weight, options, buffers)))
+    if torch.compiler.is_compiling():  # traced into the user's graph: no step of ours runs
+        return Schedule(bounds, False, None, grad_weight_dtype(weight), hidden.device)
+    compiled = wants_compile(hidden.device, options, n * vocab)
+    run = chunk_function(step, compiled, hidden.device, forced=options.compile is True) if compiled else step
+    return Schedule(bounds, compiled, run, grad_weight_dtype(weight), hidden.device)
 
 
 def chunk_rows(weight: torch.Tensor, options: FusedOptions, buffers: int = 1) -> int:
@@ -144,14 +187,14 @@ def _compiled(step):
     return torch.compile(step, fullgraph=True, options=_STEP_OPTIONS)
 
 
-def chunk_function(step, compiled: bool, rows: int, device: torch.device, forced: bool = False):
-    """``step`` compiled, or ``step`` itself. Empty chunks run eagerly (no graph is worth specializing
-    for them). Never called inside a user's ``torch.compile``: that path is engine._traced_forward.
+def chunk_function(step, compiled: bool, device: torch.device, forced: bool = False):
+    """``step`` compiled, or ``step`` itself. Never called inside a user's ``torch.compile``: that path is
+    engine._traced_forward.
 
     ``forced``: the user asked for ``compile=True``. Otherwise a CPU without a working C++ compiler (Inductor's
     CPU code is C++) falls back to eager chunks, once, with a warning.
     """
-    if rows == 0 or not compiled:
+    if not compiled:
         return step
     if device.type != "cpu":
         return _compiled(step)
@@ -165,6 +208,8 @@ _no_cpu_compiler = False  # set once a CPU compile found no C++ compiler
 
 def _run_compiled(compiled, eager, forced, *args):
     global _no_cpu_compiler
+    if _no_cpu_compiler and not forced:  # found missing by an earlier chunk of this call
+        return eager(*args)
     try:
         return compiled(*args)
     except Exception as exc:
@@ -198,14 +243,6 @@ def mark_rows_dynamic(*tensors) -> None:
             torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
-def compile_context(compiled: bool):
-    # Each (loss function, options, dtype) combination is one cache entry of the chunk step; raise the
-    # per-function limit for our call only, so that several losses in one program stay compiled.
-    if not compiled:
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(recompile_limit=64)
-
-
 def grad_weight_dtype(weight: torch.Tensor) -> torch.dtype:
     """The weight gradient's accumulator across chunks.
 
@@ -217,145 +254,6 @@ def grad_weight_dtype(weight: torch.Tensor) -> torch.dtype:
     if weight.device.type == "cuda":
         return weight.dtype
     return torch.promote_types(weight.dtype, torch.float32)
-
-
-def add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """``acc = a @ b`` for the first chunk, else ``acc += a @ b``; products accumulate in fp32 (or fp64).
-
-    Writing the first product (instead of adding it to zeros) saves one pass over ``acc``.
-    """
-    if a.dtype == acc.dtype:
-        if first:
-            torch.mm(a, b, out=acc)
-        else:
-            acc.addmm_(a, b)
-        return
-    if first:
-        acc.zero_()
-    if acc.device.type == "cuda":
-        # cuBLAS: low-precision inputs, fp32 output, no upcast copies (eager only: torch 2.11 cannot trace it)
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-
-
-def _scale(grads, factor):
-    for g in grads:
-        g.mul_(factor)
-
-
-@functools.cache
-def _compiled_scale():
-    return torch.compile(_scale, fullgraph=True, dynamic=False)
-
-
-def scale_(grads, factor: torch.Tensor) -> None:
-    """``g *= factor`` in place for each gradient, ``factor`` a 0-d fp32 tensor (the upstream gradient).
-
-    On CUDA eager ``mul_`` by a 0-d fp32 tensor takes a slow, unvectorized path for a bf16 gradient (2.5 ms
-    instead of 0.55 ms for a 1.2 GB weight gradient on an H200); a compiled kernel streams at full speed.
-    It is compiled for the weight gradient only, whose shape is fixed (no recompiles as N changes).
-    """
-    grad_h, grad_w, grad_b = grads
-    if grad_w is not None and grad_w.device.type == "cuda":
-        with compile_context(True):
-            _compiled_scale()([grad_w], factor)
-        grads = (grad_h, grad_b)
-    _scale([g for g in grads if g is not None], factor)
-
-
-def fp32_reductions(device: torch.device):
-    """Within: CUDA matmuls of 16-bit inputs reduce their partial sums in fp32.
-
-    PyTorch lets cuBLAS sum a split-K matmul's partial products in bf16/fp16 by default
-    (``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction``). It picks split-K for some chunk
-    shapes and not for the whole-batch matmul of the unfused code (measured on an H200: (750, 256) @ (256, 8191)
-    bf16 logits 27% less precise than at 1000 or 3000 rows, and a cross-entropy over them 3.4x less precise), so
-    a chunked loss would be less precise than the unfused one for reasons of chunk size alone.
-    """
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return _fp32_reductions()
-
-
-@contextlib.contextmanager
-def _fp32_reductions():
-    flags = torch.backends.cuda.matmul
-    saved = flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction
-    flags.allow_bf16_reduced_precision_reduction = flags.allow_fp16_reduced_precision_reduction = False
-    try:
-        yield
-    finally:
-        flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction = saved
-
-
-@torch.library.custom_op("lce_compile::linear", mutates_args=())
-def _traced_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear with fp32 reductions, as one opaque op inside a user's torch.compile: the flag is read when
-    cuBLAS runs, so it has to be set there rather than in traced code."""
-    with _fp32_reductions():
-        return torch.nn.functional.linear(hidden, weight, bias)
-
-
-@torch.library.custom_op("lce_compile::mm", mutates_args=())
-def _traced_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    with _fp32_reductions():
-        return torch.mm(a, b)
-
-
-@_traced_linear.register_fake
-def _(hidden, weight, bias):
-    return hidden.new_empty(hidden.shape[0], weight.shape[0])
-
-
-@_traced_mm.register_fake
-def _(a, b):
-    return a.new_empty(a.shape[0], b.shape[1])
-
-
-def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias = inputs
-    ctx.save_for_backward(hidden, weight)
-    ctx.has_bias = bias is not None
-
-
-def _linear_backward(ctx, grad):
-    hidden, weight = ctx.saved_tensors
-    grad_hidden = _traced_mm(grad, weight) if ctx.needs_input_grad[0] else None
-    grad_weight = _traced_mm(grad.t(), hidden) if ctx.needs_input_grad[1] else None
-    grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return grad_hidden, grad_weight, grad_bias
-
-
-def _mm_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _mm_backward(ctx, grad):
-    a, b = ctx.saved_tensors
-    return (_traced_mm(grad, b.t()) if ctx.needs_input_grad[0] else None,
-            _traced_mm(a.t(), grad) if ctx.needs_input_grad[1] else None)
-
-
-_traced_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
-_traced_mm.register_autograd(_mm_backward, setup_context=_mm_setup)
-
-
-def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``hidden @ weight.T + bias`` for one chunk, (C, V).
-
-    CPU BLAS runs ``weight @ hidden.T`` (V x C, no transposed operand) 1.3-1.6x faster than
-    ``hidden @ weight.T`` at chunk sizes of 128-256 rows, so there the logits are its transposed view.
-    On CUDA with fp32 reductions: eagerly the chunk loop runs within :func:`fp32_reductions`; inside a user's
-    ``torch.compile`` the matmul is an op that sets them itself, and so are the matmuls of its backward.
-    """
-    if hidden.device.type != "cpu":
-        if torch.compiler.is_compiling() and hidden.device.type == "cuda" and hidden.element_size() == 2:
-            return _traced_linear(hidden, weight, bias)
-        return torch.nn.functional.linear(hidden, weight, bias)
-    if bias is None:
-        return torch.mm(weight, hidden.t()).t()
-    return torch.addmm(bias.unsqueeze(1), weight, hidden.t()).t()
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
