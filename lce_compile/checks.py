@@ -56,17 +56,17 @@ def check_head(name: str, hidden, weight, bias=None, prefix: str = "") -> None:
         check_device(name, b, bias, hidden)
 
 
-def check_teacher(name: str, student_hidden, student_weight, teacher_hidden, teacher_weight) -> None:
+def check_teacher(name: str, hidden, weight, teacher_hidden, teacher_weight) -> None:
     """A frozen second head: the student's tokens (leading shape), vocabulary and device."""
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+    if teacher_hidden.shape[:-1] != hidden.shape[:-1]:
         raise ValueError(
-            f"{name}: teacher_hidden must have student_hidden's leading shape {_shape(student_hidden)[:-1]} "
+            f"{name}: teacher_hidden must have hidden's leading shape {_shape(hidden)[:-1]} "
             f"(one teacher row per token), got {_shape(teacher_hidden)}.")
-    if teacher_weight.shape[0] != student_weight.shape[0]:
+    if teacher_weight.shape[0] != weight.shape[0]:
         raise ValueError(
-            f"{name}: teacher_weight must have the student's vocabulary V = {student_weight.shape[0]}, "
+            f"{name}: teacher_weight must have the student's vocabulary V = {weight.shape[0]}, "
             f"got {_shape(teacher_weight)}.")
-    check_device(name, "teacher_hidden", teacher_hidden, student_hidden)
+    check_device(name, "teacher_hidden", teacher_hidden, hidden)
 
 
 def check_device(name: str, arg: str, tensor: torch.Tensor, hidden: torch.Tensor) -> None:

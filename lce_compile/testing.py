@@ -89,15 +89,15 @@ def forward_backward(loss_fn, hidden, weight, targets, dtype=None, /, *, bias=No
     return (loss.detach(), *grads)
 
 
-def unfused_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, targets=None, *, kind="forward_kl",
+def unfused_kd(hidden, weight, teacher_hidden, teacher_weight, targets=None, *, kind="forward_kl",
                beta=0.5, temperature=1.0, temperature_squared=False, ignore_index=-100, hard_weight=0.0,
-               reduction="mean", student_bias=None, teacher_bias=None):
+               reduction="mean", bias=None, teacher_bias=None):
     """Distillation written from the formulas with full logits, in probability space where it can be."""
-    wide = torch.promote_types(student_hidden.dtype, torch.float32)
-    s = student_hidden @ student_weight.T
+    wide = torch.promote_types(hidden.dtype, torch.float32)
+    s = hidden @ weight.T
     t = (teacher_hidden @ teacher_weight.T).detach()
-    if student_bias is not None:
-        s = s + student_bias
+    if bias is not None:
+        s = s + bias
     if teacher_bias is not None:
         t = t + teacher_bias.detach()
     s, t = s.to(wide).flatten(0, -2), t.to(wide).flatten(0, -2)
@@ -122,7 +122,7 @@ def unfused_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, t
         loss = (1 - hard_weight) * soft + hard_weight * hard
     loss = torch.where(kept.to(loss.device), loss, 0.0)
     if reduction == "none":
-        return loss.view(student_hidden.shape[:-1])
+        return loss.view(hidden.shape[:-1])
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / kept.sum()

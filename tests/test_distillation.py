@@ -25,11 +25,11 @@ def _run(fn, hidden, weight, t_hidden, t_weight, targets, dtype, upstream=None, 
     w = weight.detach().to(dtype).requires_grad_()
     extra = {}
     if bias is not None:
-        extra = {"student_bias": bias[0].detach().to(dtype).requires_grad_(), "teacher_bias": bias[1].to(dtype)}
+        extra = {"bias": bias[0].detach().to(dtype).requires_grad_(), "teacher_bias": bias[1].to(dtype)}
     loss = fn(h, w, t_hidden.to(dtype), t_weight.to(dtype), targets, **extra, **kw)
     out = loss if upstream is None else (loss.double() * upstream).sum()
     out.backward()
-    grads = (h.grad, w.grad) + ((extra["student_bias"].grad,) if extra else ())
+    grads = (h.grad, w.grad) + ((extra["bias"].grad,) if extra else ())
     return (loss.detach(), *grads)
 
 
@@ -138,3 +138,14 @@ def test_jsd_mixture_from_probabilities(monkeypatch, beta):
     ref = _run(unfused_kd, hidden, weight, t_hidden, t_weight, targets, torch.bfloat16, **kw)
     got = _run(linear_kd_loss, hidden, weight, t_hidden, t_weight, targets, torch.bfloat16, options=opts, **kw)
     assert_no_less_accurate(got, ref, gold, )
+
+
+def test_old_student_keywords_still_work_with_a_warning():
+    hidden, weight, t_hidden, t_weight, targets = _inputs(20, seed=9)
+    want = linear_kd_loss(hidden, weight, t_hidden, t_weight, targets)
+    with pytest.warns(DeprecationWarning, match="student_hidden= is now hidden="):
+        got = linear_kd_loss(student_hidden=hidden, student_weight=weight, teacher_hidden=t_hidden,
+                             teacher_weight=t_weight, targets=targets)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match="got both bias= and its old name student_bias="):
+        linear_kd_loss(hidden, weight, t_hidden, t_weight, bias=torch.zeros(V), student_bias=torch.zeros(V))

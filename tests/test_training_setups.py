@@ -145,7 +145,7 @@ def _gradcheck_cases():
     for kind in ("forward_kl", "reverse_kl", "jsd"):
         for r in ("mean", "none"):
             cases[f"kd_{kind}_{r}"] = lambda h, w, b, k=kind, r=r: linear_kd_loss(
-                h, w, th, tw, targets, kind=k, reduction=r, student_bias=b, options=o)
+                h, w, th, tw, targets, kind=k, reduction=r, bias=b, options=o)
     cases["logprobs_entropy"] = lambda h, w, b: linear_token_logprobs(h, w, ids.view(-1), bias=b,
                                                                       return_entropy=True, options=o)
     old = torch.randn(2, n // 2, generator=g, dtype=torch.float64) - 2  # without it the ratio is a stop-gradient

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -118,16 +119,16 @@ def _kd_rows(logits, teacher_logits, targets=None, *, kind="forward_kl", beta=0.
     return torch.where(targets != ignore_index, loss, 0.0)
 
 
-def linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets=None, *,
+def linear_kd_loss(hidden=None, weight=None, teacher_hidden=None, teacher_weight=None, targets=None, *,
                    kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                    temperature_squared: bool = False, ignore_index: int = -100, hard_weight: float = 0.0,
-                   reduction: str = "mean", student_bias=None, teacher_bias=None,
-                   options: FusedOptions | None = None):
+                   reduction: str = "mean", bias=None, teacher_bias=None,
+                   options: FusedOptions | None = None, **deprecated):
     r"""Distillation loss between a student's and a teacher's output layers, without either's logits.
 
     Same value and gradients, up to float rounding, as the unfused code::
 
-        s = (student_hidden @ student_weight.T + student_bias).float()    # (..., V); bias if given
+        s = (hidden @ weight.T + bias).float()                            # (..., V), the student; bias if given
         t = (teacher_hidden @ teacher_weight.T + teacher_bias).float()    # (..., V), no gradient
         log_s = F.log_softmax(s / temperature, -1)
         log_t = F.log_softmax(t / temperature, -1)
@@ -140,7 +141,7 @@ def linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weigh
         hard = F.cross_entropy(s, targets, reduction="none")         # at temperature 1
         loss = (1 - hard_weight) * soft + hard_weight * hard         # per token; 0 where targets == ignore_index
         # "mean": loss.sum() / (targets != ignore_index).sum()  (over all tokens when targets is None),
-        # "sum": loss.sum(), "none": loss.view(student_hidden.shape[:-1])
+        # "sum": loss.sum(), "none": loss.view(hidden.shape[:-1])
 
     The JSD is the generalized one: ``beta = 0.5`` is the symmetric Jensen-Shannon divergence; at
     ``beta = 0`` or ``1`` the mixture equals one of the two distributions and the loss is 0.
@@ -149,8 +150,8 @@ def linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weigh
     under no gradient, and its inputs are never differentiated (no gradient work for the teacher).
 
     Args:
-        student_hidden (Tensor): ``(..., D)`` the student's final hidden states.
-        student_weight (Tensor): ``(V, D)`` the student's output layer.
+        hidden (Tensor): ``(..., D)`` the student's final hidden states (the trained head, as in every loss).
+        weight (Tensor): ``(V, D)`` the student's output layer.
         teacher_hidden (Tensor): ``(..., D_t)`` the teacher's, for the same tokens; ``D_t`` may differ from ``D``.
         teacher_weight (Tensor): ``(V, D_t)`` the teacher's output layer, over the same vocabulary.
         targets (Tensor, optional): ``(...)`` token ids: tokens equal to ``ignore_index`` contribute 0 and leave
@@ -164,31 +165,55 @@ def linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weigh
         hard_weight (float): weight in ``[0, 1]`` of the cross-entropy on ``targets`` (the soft loss gets
             ``1 - hard_weight``). Default: 0.
         reduction (str): ``"mean"`` | ``"sum"`` | ``"none"``. Default: ``"mean"``.
-        student_bias, teacher_bias (Tensor, optional): ``(V,)`` output-layer biases.
+        bias, teacher_bias (Tensor, optional): ``(V,)`` the student's and the teacher's output-layer biases.
+        student_hidden, student_weight, student_bias: the old keyword names of ``hidden``, ``weight``,
+            ``bias``; accepted with a ``DeprecationWarning`` for one release.
         options (FusedOptions, optional): engine knobs; the chunk budget is shared by the two heads' logits.
     Returns:
         Tensor: an fp32 scalar, or the per-token losses in the tokens' shape for ``"none"``.
     Memory: the student's gradients plus one ``(C, V)`` chunk of each head's logits; never ``(N, V)``.
     """
     options = options or DEFAULT_OPTIONS
-    checks.check_head(_NAME, student_hidden, student_weight, student_bias, prefix="student_")
+    hidden, weight, bias = _renamed(hidden, weight, bias, deprecated)
+    checks.check_head(_NAME, hidden, weight, bias)
     checks.check_head(_NAME, teacher_hidden, teacher_weight, teacher_bias, prefix="teacher_")
-    checks.check_teacher(_NAME, student_hidden, student_weight, teacher_hidden, teacher_weight)
+    checks.check_teacher(_NAME, hidden, weight, teacher_hidden, teacher_weight)
     checks.check_reduction(_NAME, reduction)
     _check_options(kind, beta, temperature, hard_weight, targets)
-    vocab = student_weight.shape[0]
+    vocab = weight.shape[0]
     row_inputs = (Head(teacher_hidden, teacher_weight, teacher_bias),)
     row_weight = None
     if targets is not None:
-        checks.check_targets(_NAME, targets, student_hidden, vocab, ignore_index, options.validate)
+        checks.check_targets(_NAME, targets, hidden, vocab, ignore_index, options.validate)
         targets = targets.long()
         row_inputs += (targets,)
         row_weight = (targets != ignore_index).float()
     static = {"kind": kind, "beta": beta, "temperature": temperature, "temperature_squared": temperature_squared,
               "ignore_index": ignore_index, "hard_weight": hard_weight}
     plan = Plan(_NAME, _kd_rows, "rows", reduction, static, options)
-    return fused_call(plan, student_hidden, student_weight, student_bias, row_inputs,
+    return fused_call(plan, hidden, weight, bias, row_inputs,
                       row_weight=row_weight if reduction == "mean" else None)
+
+
+_OLD_NAMES = {"student_hidden": "hidden", "student_weight": "weight", "student_bias": "bias"}
+
+
+def _renamed(hidden, weight, bias, deprecated):
+    """The student's head under its old keyword names (``student_*``), with a warning; anything else raises."""
+    new = {"hidden": hidden, "weight": weight, "bias": bias}
+    for old, value in deprecated.items():
+        if old not in _OLD_NAMES:
+            raise TypeError(f"{_NAME}() got an unexpected keyword argument {old!r}")
+        name = _OLD_NAMES[old]
+        if new[name] is not None:
+            raise TypeError(f"{_NAME}: got both {name}= and its old name {old}=; pass {name}= only.")
+        warnings.warn(f"{_NAME}: {old}= is now {name}= (the trained head is hidden, weight, bias in every loss); "
+                      f"the old name goes in the next release.", DeprecationWarning, stacklevel=3)
+        new[name] = value
+    if new["hidden"] is None or new["weight"] is None:
+        raise TypeError(f"{_NAME}: missing the student's hidden and weight; call it as "
+                        f"(hidden, weight, teacher_hidden, teacher_weight, targets=None, ...).")
+    return new["hidden"], new["weight"], new["bias"]
 
 
 def _check_options(kind, beta, temperature, hard_weight, targets):
@@ -205,8 +230,8 @@ def _check_options(kind, beta, temperature, hard_weight, targets):
 
 
 class LinearKDLoss(nn.Module):
-    """:func:`linear_kd_loss` as a module; ``forward(student_hidden, student_weight, teacher_hidden,
-    teacher_weight, targets=None, student_bias=None, teacher_bias=None)``. Every keyword option is set here."""
+    """:func:`linear_kd_loss` as a module; ``forward(hidden, weight, teacher_hidden, teacher_weight, targets=None,
+    bias=None, teacher_bias=None)``. Every keyword option is set here."""
 
     def __init__(self, *, kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                  temperature_squared: bool = False, ignore_index: int = -100, hard_weight: float = 0.0,
@@ -217,13 +242,12 @@ class LinearKDLoss(nn.Module):
         self.kind, self.beta, self.temperature, self.temperature_squared = kind, beta, temperature, temperature_squared
         self.ignore_index, self.hard_weight, self.reduction, self.options = ignore_index, hard_weight, reduction, options
 
-    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, targets=None,
-                student_bias=None, teacher_bias=None):
+    def forward(self, hidden, weight, teacher_hidden, teacher_weight, targets=None, bias=None, teacher_bias=None):
         return linear_kd_loss(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, targets, kind=self.kind,
+            hidden, weight, teacher_hidden, teacher_weight, targets, kind=self.kind,
             beta=self.beta, temperature=self.temperature, temperature_squared=self.temperature_squared,
             ignore_index=self.ignore_index, hard_weight=self.hard_weight, reduction=self.reduction,
-            student_bias=student_bias, teacher_bias=teacher_bias, options=self.options)
+            bias=bias, teacher_bias=teacher_bias, options=self.options)
 
     def extra_repr(self):
         return (f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
