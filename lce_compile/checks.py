@@ -192,15 +192,6 @@ def declared_scalar_error(name: str, fn_name: str, returns: str, shape: tuple) -
     )
 
 
-def check_module_keywords(name: str, fn, options: dict, per_call=("bias",)) -> None:
-    """A module form's keyword options: each one of ``fn``'s keyword-only arguments, caught at construction."""
-    allowed = [p.name for p in inspect.signature(fn).parameters.values()
-               if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in per_call]
-    unknown = [k for k in options if k not in allowed]
-    if unknown:
-        raise TypeError(f"{name}: unknown keyword {unknown[0]!r}; the options are {', '.join(allowed)}.")
-
-
 def double_backward_error(name: str) -> NotImplementedError:
     return NotImplementedError(
         f"{name}: double backward (backward with create_graph=True, e.g. a gradient penalty or gradgradcheck) is "

@@ -143,10 +143,15 @@ if __name__ == "__main__":
 
 def test_module_forms_check_keywords_and_show_options():
     from lce_compile import LinearCrossEntropyLoss, LinearDPOLoss, LinearGRPOLoss, LinearTokenLogprobs
-    with pytest.raises(TypeError, match="unknown keyword 'loss_typ'"):
+    with pytest.raises(TypeError, match="loss_typ"):
         LinearGRPOLoss(loss_typ="dapo")
-    with pytest.raises(TypeError, match="unknown keyword 'betta'"):
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        LinearGRPOLoss(loss_type="dapoo")
+    with pytest.raises(TypeError, match="betta"):
         LinearDPOLoss(betta=0.1)
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        LinearDPOLoss(label_smoothing=0.7)
+    assert "loss_type='dapo'" in repr(LinearGRPOLoss(loss_type="dapo"))
     assert "temperature=0.7" in repr(LinearTokenLogprobs(temperature=0.7))
     module = LinearCrossEntropyLoss(class_weight=torch.ones(5), options=FusedOptions(chunk_size=8))
     assert "class_weight=Tensor(5,)" in repr(module) and "chunk_size=8" in repr(module)

@@ -224,8 +224,7 @@ def linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, *,
     if n % 2:
         raise ValueError(f"{name}: hidden must hold 2B sequences (B chosen, then B rejected), got {n}.")
     checks.check_reduction(name, reduction)
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"{name}: label_smoothing must be in [0, 0.5), got {label_smoothing!r}.")
+    _check_dpo_smoothing(name, label_smoothing)
     if not isinstance(ref_logprobs, torch.Tensor) or tuple(ref_logprobs.shape) not in ((n,), (n, t)):
         got = tuple(ref_logprobs.shape) if isinstance(ref_logprobs, torch.Tensor) else type(ref_logprobs).__name__
         raise ValueError(f"{name}: ref_logprobs must have shape (2B,) = ({n},) or (2B, T) = ({n}, {t}), got {got}.")
@@ -253,6 +252,11 @@ def _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, op
     checks.check_targets(name, token_ids, hidden, weight.shape[0], None, options.validate, arg="token_ids")
     _check_temperature(name, temperature)
     return options
+
+
+def _check_dpo_smoothing(name, label_smoothing):
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 0.5), got {label_smoothing!r}.")
 
 
 def _check_temperature(name, temperature):
@@ -288,6 +292,10 @@ def _check_grpo(name, advantages, old, ref, beta, epsilon_low, epsilon_high, los
                                  f"got {value.dtype} {tuple(value.shape)}.")
     if beta and ref is None:
         raise ValueError(f"{name}: beta={beta} needs ref_logprobs for its KL term; pass them, or beta=0.0.")
+    _check_grpo_options(name, beta, epsilon_low, epsilon_high, loss_type, level, max_completion_length)
+
+
+def _check_grpo_options(name, beta, epsilon_low, epsilon_high, loss_type, level, max_completion_length):
     if not (epsilon_low >= 0 and epsilon_high >= 0):
         raise ValueError(f"{name}: epsilon_low and epsilon_high must be >= 0, got {epsilon_low!r}, {epsilon_high!r}.")
     if loss_type not in LOSS_TYPES:
@@ -319,34 +327,58 @@ class LinearTokenLogprobs(nn.Module):
 
 class LinearGRPOLoss(nn.Module):
     """:func:`linear_grpo_loss` as a module: ``forward(hidden, weight, token_ids, completion_mask, advantages,
-    old_logprobs=None, ref_logprobs=None, bias=None)``; every keyword option is set here."""
+    old_logprobs=None, ref_logprobs=None, bias=None)``; every keyword option is set (and checked) here."""
 
-    def __init__(self, **options):
+    def __init__(self, *, beta: float = 0.04, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+                 loss_type: str = "grpo", importance_sampling_level: str = "token", temperature: float = 1.0,
+                 max_completion_length: int | None = None, return_stats: bool = False,
+                 options: FusedOptions | None = None):
         super().__init__()
-        checks.check_module_keywords(type(self).__name__, linear_grpo_loss, options,
-                                     per_call=("old_logprobs", "ref_logprobs", "bias"))
-        self.options = options
+        name = type(self).__name__
+        _check_grpo_options(name, beta, epsilon_low, epsilon_high, loss_type, importance_sampling_level,
+                            max_completion_length)
+        _check_temperature(name, temperature)
+        self.beta, self.epsilon_low, self.epsilon_high = beta, epsilon_low, epsilon_high
+        self.loss_type, self.importance_sampling_level = loss_type, importance_sampling_level
+        self.temperature = temperature
+        self.max_completion_length, self.return_stats, self.options = max_completion_length, return_stats, options
 
     def forward(self, hidden, weight, token_ids, completion_mask, advantages, old_logprobs=None,
                 ref_logprobs=None, bias=None):
-        return linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, old_logprobs=old_logprobs,
-                                ref_logprobs=ref_logprobs, bias=bias, **self.options)
+        return linear_grpo_loss(
+            hidden, weight, token_ids, completion_mask, advantages, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
+            temperature=self.temperature, max_completion_length=self.max_completion_length,
+            return_stats=self.return_stats, bias=bias, options=self.options)
 
     def extra_repr(self):
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return (f"beta={self.beta}, epsilon_low={self.epsilon_low}, epsilon_high={self.epsilon_high}, "
+                f"loss_type={self.loss_type!r}, importance_sampling_level={self.importance_sampling_level!r}, "
+                f"temperature={self.temperature}, max_completion_length={self.max_completion_length}, "
+                f"return_stats={self.return_stats}, options={self.options!r}")
 
 
 class LinearDPOLoss(nn.Module):
     """:func:`linear_dpo_loss` as a module: ``forward(hidden, weight, token_ids, completion_mask, ref_logprobs,
-    bias=None)``; every keyword option is set here."""
+    bias=None)``; every keyword option is set (and checked) here."""
 
-    def __init__(self, **options):
+    def __init__(self, *, beta: float = 0.1, label_smoothing: float = 0.0, temperature: float = 1.0,
+                 reduction: str = "mean", return_stats: bool = False, options: FusedOptions | None = None):
         super().__init__()
-        checks.check_module_keywords(type(self).__name__, linear_dpo_loss, options)
-        self.options = options
+        name = type(self).__name__
+        checks.check_reduction(name, reduction)
+        _check_dpo_smoothing(name, label_smoothing)
+        _check_temperature(name, temperature)
+        self.beta, self.label_smoothing, self.temperature = beta, label_smoothing, temperature
+        self.reduction, self.return_stats, self.options = reduction, return_stats, options
 
     def forward(self, hidden, weight, token_ids, completion_mask, ref_logprobs, bias=None):
-        return linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, bias=bias, **self.options)
+        return linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, beta=self.beta,
+                               label_smoothing=self.label_smoothing, temperature=self.temperature,
+                               reduction=self.reduction, return_stats=self.return_stats, bias=bias,
+                               options=self.options)
 
     def extra_repr(self):
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return (f"beta={self.beta}, label_smoothing={self.label_smoothing}, temperature={self.temperature}, "
+                f"reduction={self.reduction!r}, return_stats={self.return_stats}, options={self.options!r}")
