@@ -105,8 +105,8 @@ def fused_call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), r
     sched = policy.schedule(_chunk_step, hidden, weight, plan.options, _buffers(row_inputs))  # decided once
     if torch.compiler.is_compiling():
         # Inside a user's torch.compile: plain differentiable chunks, each checkpointed, so that AOTAutograd
-        # derives the backward (recomputing each chunk's logits) and Inductor fuses it. (Traced, the
-        # gradient-in-forward autograd.Function gave wrong gradients with torch 2.11 on CUDA, cause not isolated.)
+        # derives the backward (recomputing each chunk's logits) and Inductor fuses it (docs/design.md says why
+        # not the autograd.Function, and what this path costs).
         out = _traced_forward(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
     elif torch.is_grad_enabled() and any(needs):
         out = _FusedLinearLoss.apply(plan, sched, needs, hidden, weight, bias, row_weight, denom,

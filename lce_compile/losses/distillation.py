@@ -23,18 +23,8 @@ class _SoftLoss(torch.autograd.Function):
     """Per-row forward KL, reverse KL or JSD of tempered student logits ``s`` against teacher logits ``t``
     (C, V), with a hand-written gradient for ``s``.
 
-    Written so that a compiled chunk stores no (C, V) buffer beside the logits, whose gradient is written over
-    them: every pass that reads the logits for a sum runs before the pass that writes the gradient, and no
-    per-element value is shared by two passes (Inductor would store it). So:
-
-    * the KLs come from sums taken in the same pass as the logsumexps, ``KL(p || q) = E_p[a - b] - lse_a +
-      lse_b`` with ``E_p[a - b] = sum(exp(a - max a) (a - b)) / sum(exp(a - max a))``;
-    * the gradient needs a row sum (the reverse KL and the JSD need their value; the forward KL, ``p_s - p_t``,
-      needs the teacher's logsumexp from that same pass), so it cannot be written before the sums are done;
-    * on CUDA the compiled step recomputes what two passes share, and the JSD takes ``log m`` as
-      ``log(beta p_t + (1 - beta) p_s)``; on the CPU, where Inductor stores a shared value with an exp or a
-      log, the mixture's log is written three ways (for ``KL(p_s || m)``, ``KL(p_t || m)`` and the gradient),
-      so that no two sums or passes share it.
+    Its forms keep a compiled chunk at one (C, V) buffer beside the teacher's: docs/design.md, "Distillation
+    rows", says which and why.
     """
 
     @staticmethod

@@ -81,19 +81,21 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
                      options: FusedOptions | None = None):
     r"""GRPO-family policy loss (the formulas of TRL's GRPOTrainer) on fused per-token log-probabilities.
 
-    With ``logp = linear_token_logprobs(hidden, weight, token_ids, temperature=temperature)`` (B, T) and
-    ``m = completion_mask``::
+    Same value and gradients, up to float rounding, as the unfused code::
 
-        old = old_logprobs if given else logp.detach()
-        log_ratio = logp - old                                               # (B, T)
-        log_w = log_ratio                                                    # importance_sampling_level="token"
-        log_w = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)   # "sequence"
-        ratio = exp(log_w)
-        loss_t = -min(ratio * A, clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * A)      # A = advantages[:, None]
-        loss_t = loss_t + beta * (exp(ref - logp) - (ref - logp) - 1)       # k3 KL estimate, if beta != 0
-        "grpo":          ((loss_t * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
-        "bnpo", "dapo":  (loss_t * m).sum() / m.sum().clamp(min=1)
-        "dr_grpo":       (loss_t * m).sum() / (B * max_completion_length)    # default: T
+        logits = (hidden @ weight.T + bias).float() / temperature                 # (B, T, V); bias if given
+        logp = logits.log_softmax(-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)   # (B, T)
+        m = completion_mask.float()
+        old = logp.detach() if old_logprobs is None else old_logprobs
+        log_w = logp - old                                                        # importance_sampling_level="token"
+        log_w = ((logp - old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)   # ="sequence"
+        ratio, adv = log_w.exp(), advantages.unsqueeze(-1)
+        loss_t = -torch.minimum(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)
+        if ref_logprobs is not None and beta:                                     # the k3 KL estimate
+            loss_t = loss_t + beta * ((ref_logprobs - logp).exp() - (ref_logprobs - logp) - 1)
+        loss = ((loss_t * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()             # loss_type="grpo"
+        loss = (loss_t * m).sum() / m.sum().clamp(min=1)                          # "bnpo", "dapo"
+        loss = (loss_t * m).sum() / (B * (max_completion_length or T))            # "dr_grpo"
 
     Args:
         hidden (Tensor): ``(B, T, D)`` hidden states of the completion tokens' positions.
