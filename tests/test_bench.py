@@ -84,3 +84,12 @@ def test_references_measure_what_the_methods_compute(loss):
         got = measure._loss_and_grads(method.make(), hidden.double(), weight.double(), targets)
         for g, r in zip(got, gold):
             torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6, msg=f"{loss} {name}")  # eager CE upcasts to fp32 only
+
+
+def test_cli_interleaved_mode(tmp_path):
+    cmd = [sys.executable, "-m", "lce_compile.bench", "--interleaved", "2", "--shapes", "64,32,101", "--methods",
+           "eager,fused"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "64x32x101: fused / eager = " in proc.stdout and "median of 2 rounds" in proc.stdout
+    assert not (tmp_path / "bench_results.json").exists()  # a timing mode: no result file

@@ -1,4 +1,5 @@
-"""Side-by-side time ratios: ``python -m lce_compile.bench.interleaved``.
+"""Side-by-side time ratios: ``python -m lce_compile.bench --interleaved ROUNDS`` (or, as before,
+``python -m lce_compile.bench.interleaved``).
 
 Each timed round runs one step of the baseline then one of every other method, in one process, and the
 ratio of the two is taken within the round: drift of a shared machine (±15% between runs on 2 cores) moves
@@ -6,15 +7,14 @@ both sides of a ratio alike. The median ratio over rounds is reported. Memory is
 """
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
 
 import torch
 
 from .measure import make_inputs, step
 from .methods import LOSSES
-from .run import parse_shapes
 
 
 def ratios(shape, methods, rounds, device="cpu", dtype=torch.float32, forward=False, loss="ce"):
@@ -50,25 +50,36 @@ def ratios(shape, methods, rounds, device="cpu", dtype=torch.float32, forward=Fa
     return out
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m lce_compile.bench.interleaved", description=__doc__)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--shapes", action="append", default=None, help="as in python -m lce_compile.bench")
-    parser.add_argument("--methods", default="eager,fused", help="comma list; the first is the baseline")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--forward", action="store_true", help="time the forward pass alone (no_grad)")
-    parser.add_argument("--loss", default="ce", choices=tuple(LOSSES), help="as in python -m lce_compile.bench")
-    args = parser.parse_args(argv)
-    methods = args.methods.split(",")
+def run(args) -> dict:
+    """``python -m lce_compile.bench --interleaved ROUNDS`` (args from its parser): print and return the ratios."""
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"torch {torch.__version__}, {device_name}, {args.dtype}, {'forward only' if args.forward else 'fwd+bwd'}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    for name, shape in parse_shapes(args.shapes or ["cpu-small,cpu-large"]):
-        found = ratios(shape, methods, args.rounds, args.device, getattr(torch, args.dtype), args.forward, args.loss)
+    out = {}
+    for name, shape in args.shapes:
+        found = ratios(shape, args.methods, args.interleaved, args.device, getattr(torch, args.dtype), args.forward,
+                       args.loss)
+        out[name] = found
         for method, values in found.items():
-            print(f"{name}: {method} / {methods[0]} = {statistics.median(values):.2f} (median of "
+            print(f"{name}: {method} / {args.methods[0]} = {statistics.median(values):.2f} (median of "
                   f"{len(values)} rounds: {', '.join(f'{v:.2f}' for v in values)})", flush=True)
+    return out
+
+
+def main(argv=None):
+    """The old spelling: ``python -m lce_compile.bench.interleaved [--rounds R] ...`` runs
+    ``python -m lce_compile.bench --interleaved R ...`` (default methods eager,fused; shapes as the bench's)."""
+    from .run import parse_args
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rounds = "5"
+    if "--rounds" in argv:
+        i = argv.index("--rounds")
+        rounds = argv[i + 1]
+        del argv[i:i + 2]
+    if "--methods" not in argv:
+        argv += ["--methods", "eager,fused"]
+    args = parse_args(argv + ["--interleaved", rounds])
+    return run(args)
 
 
 if __name__ == "__main__":

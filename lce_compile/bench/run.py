@@ -87,6 +87,10 @@ def parse_args(argv=None):
                         help="where to write all results and metadata (default: %(default)s)")
     parser.add_argument("--plot", metavar="PATH.png", help="also plot time and peak memory (needs matplotlib)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines; print only the tables")
+    parser.add_argument("--interleaved", type=int, metavar="ROUNDS",
+                        help="instead: time the methods side by side in one process, ROUNDS rounds of one step "
+                             "each, and print each method's median time ratio to the first method's")
+    parser.add_argument("--forward", action="store_true", help="with --interleaved: time the forward pass alone")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -153,6 +157,9 @@ def parse_methods(value, device, loss="ce"):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.interleaved:
+        from . import interleaved  # imported here: python -m lce_compile.bench.interleaved runs it as __main__
+        return interleaved.run(args)
     say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     meta = _metadata(args)
     methods = []
