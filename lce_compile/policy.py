@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import functools
 import warnings
-
 from typing import Callable
 
 import torch
@@ -94,8 +93,7 @@ class Schedule:
         """What the loop runs within: a raised recompile limit while compiling, fp32 matmul reductions on CUDA,
         and the caller's saved-tensor hooks set aside."""
         stack = contextlib.ExitStack()
-        if self.compiled:
-            stack.enter_context(ops.compile_context(True))
+        stack.enter_context(ops.compile_context(self.compiled))
         stack.enter_context(ops.fp32_reductions(self.device))
         stack.enter_context(outside_saved_tensor_hooks())
         return stack
@@ -110,7 +108,7 @@ def schedule(step: Callable, hidden: torch.Tensor, weight: torch.Tensor, options
     if torch.compiler.is_compiling():  # traced into the user's graph: no step of ours runs
         return Schedule(bounds, False, None, grad_weight_dtype(weight), hidden.device)
     compiled = wants_compile(hidden.device, options, n * vocab)
-    run = chunk_function(step, compiled, hidden.device, forced=options.compile is True) if compiled else step
+    run = chunk_function(step, compiled, hidden.device, forced=options.compile is True)
     return Schedule(bounds, compiled, run, grad_weight_dtype(weight), hidden.device)
 
 

@@ -39,6 +39,7 @@ def assert_no_less_accurate(got, ref, gold, *, factor=1.1, noise=NOISE, names=("
         if not err <= f * ref_err + noise * g.abs().mean():
             raise AssertionError(f"{name}: error {err:.2e} > {f} x the unfused code's {ref_err:.2e} (+ noise)")
 
+
 def make_inputs(lead, dim, vocab, dtype=torch.float32, seed=0, ignored=0.1, ignore_index=-100):
     """hidden (*lead, D), weight (V, D), targets (*lead): logit std ~4, a fraction of targets ignored."""
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ from torch.nn import _reduction
 
 from . import checks, policy
 from .engine import Plan, fused_call
-from .losses._rows import kept_row_weight
+from .losses._rows import kept_row_weight, widen
 from .policy import DEFAULT_OPTIONS, FusedOptions
 
 _RETURNS = ("rows", "sum", "mean")
@@ -188,7 +188,7 @@ def _upcasting(fn):
 
 def _upcast_wrapper(fn):
     def upcast(logits, *row_inputs, **kwargs):
-        return fn(logits.to(torch.promote_types(logits.dtype, torch.float32)), *row_inputs, **kwargs)
+        return fn(widen(logits), *row_inputs, **kwargs)
     upcast.__name__ = getattr(fn, "__name__", type(fn).__name__)
     return upcast
 

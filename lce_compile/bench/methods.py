@@ -254,15 +254,16 @@ KD_METHODS = {"eager": Method(lambda: unfused_kd, "unfused forward KL: both head
 for _kind, _suffix in (("forward_kl", ""), ("reverse_kl", "_reverse_kl"), ("jsd", "_jsd")):
     _loss = "kd" + _suffix
     REFERENCES[_loss] = functools.partial(unfused_kd, kind=_kind)
-    _on = ("cuda",) if _kind == "forward_kl" else ()  # the other kinds: --methods all, or by name
+    # by default: forward KL (fused on both devices, its peers on CUDA); the other kinds by name or --methods all
+    _fused_on, _peers_on = (("cpu", "cuda"), ("cuda",)) if _kind == "forward_kl" else ((), ())
     KD_METHODS.update({
         "compile" + _suffix: Method(functools.partial(_make_kd_compile, _kind), f"torch.compile of the unfused {_kind}",
-                                    default_on=_on, compiles=True, loss=_loss),
+                                    default_on=_peers_on, compiles=True, loss=_loss),
         "fused" + _suffix: Method(functools.partial(_make_kd_fused, _kind), f"lce_compile.linear_kd_loss(kind='{_kind}')",
-                                  default_on=("cpu",) + _on if not _suffix else _on, compiles=True, loss=_loss),
+                                  default_on=_fused_on, compiles=True, loss=_loss),
         "liger" + _suffix: Method(functools.partial(_make_kd_liger, _kind),
                                   f"liger_kernel LigerFusedLinearJSD(jsd_beta={_LIGER_JSD_BETA[_kind]}), {_kind}",
-                                  unavailable=_needs_module("liger_kernel"), default_on=_on, loss=_loss),
+                                  unavailable=_needs_module("liger_kernel"), default_on=_peers_on, loss=_loss),
     })
 LOSSES = {"ce": METHODS, "kd": KD_METHODS}
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checks
-from ..engine import Plan, fused_call
+from ..engine import Plan, accumulation_dtype, fused_call
 from ..policy import DEFAULT_OPTIONS, FusedOptions
 from ._rows import clipped_surrogate, clipped_tokens, k3_kl, target_log_prob, widen
 from ._rows import entropy as row_entropy
@@ -176,7 +176,7 @@ def _token_level_grpo(hidden, weight, token_ids, completion_mask, advantages, ol
                       options):
     name = "linear_grpo_loss"
     options = _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options)
-    wide = torch.promote_types(hidden.dtype, torch.float32)  # the rows' dtype (fp64 inputs stay fp64)
+    wide = accumulation_dtype(hidden)  # the rows' dtype: fp32, fp64 inputs stay fp64
     mask = completion_mask.to(wide)
     row_weight = _grpo_row_weight(mask, loss_type, max_completion_length)
     rows = (token_ids.long(), row_weight, advantages.to(wide).unsqueeze(-1).expand_as(mask))
@@ -294,10 +294,10 @@ def _check_grpo(name, advantages, old, ref, beta, epsilon_low, epsilon_high, los
                                  f"got {value.dtype} {tuple(value.shape)}.")
     if beta and ref is None:
         raise ValueError(f"{name}: beta={beta} needs ref_logprobs for its KL term; pass them, or beta=0.0.")
-    _check_grpo_options(name, beta, epsilon_low, epsilon_high, loss_type, level, max_completion_length)
+    _check_grpo_options(name, epsilon_low, epsilon_high, loss_type, level, max_completion_length)
 
 
-def _check_grpo_options(name, beta, epsilon_low, epsilon_high, loss_type, level, max_completion_length):
+def _check_grpo_options(name, epsilon_low, epsilon_high, loss_type, level, max_completion_length):
     if not (epsilon_low >= 0 and epsilon_high >= 0):
         raise ValueError(f"{name}: epsilon_low and epsilon_high must be >= 0, got {epsilon_low!r}, {epsilon_high!r}.")
     if loss_type not in LOSS_TYPES:
@@ -337,7 +337,7 @@ class LinearGRPOLoss(nn.Module):
                  options: FusedOptions | None = None):
         super().__init__()
         name = type(self).__name__
-        _check_grpo_options(name, beta, epsilon_low, epsilon_high, loss_type, importance_sampling_level,
+        _check_grpo_options(name, epsilon_low, epsilon_high, loss_type, importance_sampling_level,
                             max_completion_length)
         _check_temperature(name, temperature)
         self.beta, self.epsilon_low, self.epsilon_high = beta, epsilon_low, epsilon_high
