@@ -256,7 +256,11 @@ def grad_weight_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype ``torch.autocast`` runs matmuls in on this device, or None when it is off."""
-    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
+    # is_autocast_available: a meta tensor's device has no autocast; not asked while tracing (torch 2.11's
+    # Dynamo cannot trace it, and traced calls are on devices that have autocast)
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device.type):
+        return None
+    if not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)
 
