@@ -14,6 +14,7 @@ from lce_compile.testing import assert_no_less_accurate, make_inputs, unfused_cr
 
 OPTS = FusedOptions(chunk_size=32)
 V, D = 67, 16
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _teacher(n, seed=50):
@@ -39,10 +40,10 @@ def _unfused_grpo(h, w, ids, mask, adv, ref, beta=0.04):
     return ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
-def _losses(n):
+def _losses(n, device="cpu"):
     """name -> (fused fn(h, w, t), unfused fn(h, w, t)): every loss family, scalar outputs."""
-    th, tw = _teacher(n)
-    ids, mask, adv, ref = _grpo_rows(n)
+    th, tw = (t.to(device) for t in _teacher(n))
+    ids, mask, adv, ref = (t.to(device) for t in _grpo_rows(n))
     grpo = functools.partial(linear_grpo_loss, token_ids=ids, completion_mask=mask, advantages=adv, ref_logprobs=ref,
                              options=OPTS)
     return {
@@ -68,17 +69,18 @@ def _step(fn, hidden, weight, targets, wrap=None):
     return loss.detach(), h.grad, w.grad
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(_losses(64)))
 @pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16], ids=["fp32_hidden", "bf16_hidden"])
-def test_autocast_bf16_with_fp32_weight(name, hidden_dtype):
+def test_autocast_bf16_with_fp32_weight(name, hidden_dtype, device):
     """Under torch.autocast (bf16) with an fp32 weight: the unfused code's value and gradients (its matmul in
     bf16, the loss in fp32), gradients in the inputs' dtypes, no less accurate than it against fp64."""
-    hidden, weight, targets = make_inputs(64, D, V, seed=3)
-    fused, unfused = _losses(64)[name]
+    hidden, weight, targets = (t.to(device) for t in make_inputs(64, D, V, seed=3))
+    fused, unfused = _losses(64, device)[name]
     gold = _step(unfused, hidden.double(), weight.double(), targets)
 
     def under_autocast(fn, h, w, t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             return fn(h, w, t)
     hidden = hidden.to(hidden_dtype)
     ref = _step(unfused, hidden, weight, targets, under_autocast)
@@ -97,23 +99,25 @@ def _checkpointed(fn, h, w, t):
     return checkpoint(fn, h, w, t, use_reentrant=False)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("wrap", [_checkpointed, _save_on_cpu], ids=["checkpoint", "save_on_cpu"])
 @pytest.mark.parametrize("name", list(_losses(64)))
-def test_saved_tensor_hooks(name, wrap):
+def test_saved_tensor_hooks(name, wrap, device):
     """Activation checkpointing (non-reentrant) and offloading around the loss: the unfused code's value and
     gradients under the same wrapper."""
-    hidden, weight, targets = make_inputs(64, D, V, seed=4)
-    fused, unfused = _losses(64)[name]
+    hidden, weight, targets = (t.to(device) for t in make_inputs(64, D, V, seed=4))
+    fused, unfused = _losses(64, device)[name]
     ref = _step(unfused, hidden, weight, targets, wrap)
     got = _step(fused, hidden, weight, targets, wrap)
     for r, o in zip(ref, got):
         torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(_losses(64)))
-def test_second_backward_through_a_retained_graph(name):
-    hidden, weight, targets = make_inputs(64, D, V, seed=5)
-    fused, _ = _losses(64)[name]
+def test_second_backward_through_a_retained_graph(name, device):
+    hidden, weight, targets = (t.to(device) for t in make_inputs(64, D, V, seed=5))
+    fused, _ = _losses(64, device)[name]
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss = fused(h, w, targets)
     loss.backward(retain_graph=True)
