@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lce_compile import (FusedOptions, LinearDPOLoss, LinearGRPOLoss, LinearTokenLogprobs, linear_dpo_loss,
-                         linear_grpo_loss, linear_token_logprobs)
+from lce_compile import (AuxRequest, FusedOptions, LinearDPOLoss, LinearGRPOLoss, LinearTokenLogprobs,
+                         linear_cross_entropy, linear_dpo_loss, linear_grpo_loss, linear_token_logprobs)
 from lce_compile.testing import assert_no_less_accurate
 from memtrack import AllocationTracker
 
@@ -136,8 +136,9 @@ def test_grpo_stats_and_module_form():
     cur, ent = ref_logprobs(hidden, weight, ids)
     old = (cur + 0.5 * torch.randn(cur.shape, generator=g, dtype=torch.float64)).float()
     ref = (cur + 0.1 * torch.randn(cur.shape, generator=g, dtype=torch.float64)).float()
-    module = LinearGRPOLoss(beta=0.1, return_stats=True, options=OPTS)
-    loss, stats = module(hidden.float(), weight.float(), ids, mask, adv, old, ref)
+    module = LinearGRPOLoss(beta=0.1, return_aux=AuxRequest(stats=True), options=OPTS)
+    loss, aux = module(hidden.float(), weight.float(), ids, mask, adv, old, ref)
+    stats = aux.stats
     m = mask.double()
     ratio = (cur - old.double()).exp()
     clipped = ((ratio < 0.8) & (adv[:, None] < 0)) | ((ratio > 1.2) & (adv[:, None] > 0))
@@ -180,7 +181,9 @@ def test_dpo_matches_formulas(per_token_ref, reduction, label_smoothing):
 def test_dpo_stats_and_module_form():
     hidden, weight, ids, mask, g = _inputs(4, 9, seed=6)
     ref = torch.randn(4, generator=g)
-    loss, stats = LinearDPOLoss(beta=0.5, return_stats=True)(hidden.float(), weight.float(), ids, mask, ref)
+    loss, aux = LinearDPOLoss(beta=0.5, return_aux=AuxRequest(stats=True))(hidden.float(), weight.float(), ids, mask,
+                                                                           ref)
+    stats = aux.stats
     logp, _ = ref_logprobs(hidden, weight, ids)
     rewards = 0.5 * ((logp * mask).sum(-1) - ref.double())
     torch.testing.assert_close(stats["chosen_rewards"].double(), rewards[:2], rtol=1e-4, atol=1e-5)
@@ -203,10 +206,35 @@ def test_no_n_by_v_tensor(level):
     ref = torch.randn(b, t, generator=g) - 8
     opts = FusedOptions(chunk_size=chunk, compile=False)
     with AllocationTracker(inputs=(hidden, weight, ids, mask, adv, ref)) as tracker:
-        loss, _ = linear_grpo_loss(hidden, weight, ids, mask, adv, ref_logprobs=ref, return_stats=True,
+        loss, _ = linear_grpo_loss(hidden, weight, ids, mask, adv, ref_logprobs=ref, return_aux=AuxRequest(stats=True),
                                    importance_sampling_level=level, options=opts)
         loss.backward()
     n = b * t
     grads = hidden.grad.nbytes + weight.grad.nbytes
     assert tracker.largest < n * vocab // 10, f"a tensor of {tracker.largest} elements was allocated"
     assert tracker.peak <= grads + 12 * chunk * vocab * 4 + 64 * n, f"peak {tracker.peak / 1e6:.1f} MB"
+
+
+def test_return_aux_is_one_request_type_and_return_stats_is_deprecated():
+    hidden, weight, ids, mask, g = _inputs(4, 9, seed=8)
+    h, w = hidden.float(), weight.float()
+    adv, ref = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    lp, aux = linear_token_logprobs(h, w, ids, return_aux=AuxRequest(entropy=True), options=OPTS)
+    want_lp, want_ent = linear_token_logprobs(h, w, ids, return_entropy=True, options=OPTS)
+    torch.testing.assert_close((lp, aux.entropy), (want_lp, want_ent), rtol=0, atol=0)
+    assert aux.loss is None and aux.stats is None
+    loss, aux = linear_grpo_loss(h, w, ids, mask, adv, beta=0.0, return_aux=AuxRequest(stats=True), options=OPTS)
+    with pytest.warns(DeprecationWarning, match=r"return_aux=AuxRequest\(stats=True\)"):
+        old_loss, old_stats = linear_grpo_loss(h, w, ids, mask, adv, beta=0.0, return_stats=True, options=OPTS)
+    torch.testing.assert_close((loss, aux.stats), (old_loss, old_stats), rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning):
+        _, old_stats = linear_dpo_loss(h, w, ids, mask, ref, return_stats=True, options=OPTS)
+    assert set(old_stats) == set(linear_dpo_loss(h, w, ids, mask, ref, return_aux=AuxRequest(stats=True))[1].stats)
+    with pytest.raises(ValueError, match="return_aux asks for lse, which this loss does not give; it gives stats"):
+        linear_grpo_loss(h, w, ids, mask, adv, beta=0.0, return_aux=AuxRequest(lse=True))
+    with pytest.raises(ValueError, match="linear_cross_entropy: return_aux asks for entropy"):
+        linear_cross_entropy(h.flatten(0, 1), w, ids.flatten(), return_aux=AuxRequest(entropy=True))
+    with pytest.raises(ValueError, match="LinearTokenLogprobs: return_aux asks for stats"):
+        LinearTokenLogprobs(return_aux=AuxRequest(stats=True))
+    with pytest.raises(TypeError, match="both return_stats= and return_aux="):
+        linear_dpo_loss(h, w, ids, mask, ref, return_stats=True, return_aux=AuxRequest(stats=True))

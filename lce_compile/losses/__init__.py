@@ -1,4 +1,5 @@
-from .cross_entropy import AuxOutput, AuxRequest, LinearCrossEntropyLoss, linear_cross_entropy
+from ._aux import AuxOutput, AuxRequest
+from .cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
 from .distillation import LinearKDLoss, linear_kd_loss
 from .rl import (LinearDPOLoss, LinearGRPOLoss, LinearTokenLogprobs, linear_dpo_loss, linear_grpo_loss,
                  linear_token_logprobs)

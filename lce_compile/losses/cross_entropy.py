@@ -1,9 +1,6 @@
 """Fused linear cross-entropy: softcap, z-loss, label smoothing, class weights, bias, per-token stats."""
 from __future__ import annotations
 
-import dataclasses
-from typing import NamedTuple, Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,35 +8,11 @@ from torch import nn
 from .. import checks
 from ..engine import Plan, fused_call
 from ..policy import DEFAULT_OPTIONS, FusedOptions
+from ._aux import AuxOutput, AuxRequest, aux_keys as requested_aux
 from ._rows import kept_row_weight, target_log_prob, widen
 
 _NAME = "linear_cross_entropy"
-
-
-@dataclasses.dataclass(frozen=True)
-class AuxRequest:
-    """Which per-token outputs to return beside the loss (each in ``targets.shape``, no gradient).
-
-    Args:
-        loss (bool): each token's loss before reduction (0 for ignored tokens).
-        lse (bool): ``logsumexp`` of the (softcapped) fp32 logits.
-        correct (bool): whether ``argmax(logits) == target`` (``False`` for ignored tokens).
-    """
-
-    loss: bool = False
-    lse: bool = False
-    correct: bool = False
-
-    def keys(self) -> tuple:
-        return tuple(f.name for f in dataclasses.fields(self) if getattr(self, f.name))
-
-
-class AuxOutput(NamedTuple):
-    """Per-token outputs requested by :class:`AuxRequest`; unrequested ones are ``None``."""
-
-    loss: Optional[torch.Tensor] = None
-    lse: Optional[torch.Tensor] = None
-    correct: Optional[torch.Tensor] = None
+_AUX = ("loss", "lse", "correct")  # the AuxRequest fields cross-entropy gives
 
 
 def _ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoothing=0.0, softcap=None,
@@ -116,7 +89,7 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
     checks.check_class_weight(_NAME, "class_weight", class_weight, hidden, vocab)
     checks.check_reduction(_NAME, reduction)
     _check_options(label_smoothing, softcap, z_loss, return_aux)
-    aux_keys = return_aux.keys() if return_aux is not None else ()
+    aux_keys = requested_aux(_NAME, return_aux, _AUX)
     static = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "softcap": softcap,
               "z_loss": z_loss, "aux_keys": aux_keys}
     tensors = {} if class_weight is None else {"class_weight": class_weight}
@@ -125,7 +98,7 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
     out = fused_call(plan, hidden, weight, bias, (targets,), tuple(tensors.values()), row_weight)
     if return_aux is None:
         return out
-    loss, aux = out
+    loss, aux = out if aux_keys else (out, ())
     return loss, AuxOutput(**dict(zip(aux_keys, aux)))
 
 
@@ -136,8 +109,7 @@ def _check_options(label_smoothing, softcap, z_loss, return_aux):
         raise ValueError(f"{_NAME}: softcap must be a positive float or None, got {softcap!r}.")
     if not z_loss >= 0:
         raise ValueError(f"{_NAME}: z_loss must be >= 0, got {z_loss!r}.")
-    if return_aux is not None and not isinstance(return_aux, AuxRequest):
-        raise TypeError(f"{_NAME}: return_aux must be an AuxRequest or None, got {type(return_aux).__name__}.")
+    requested_aux(_NAME, return_aux, _AUX)
 
 
 class LinearCrossEntropyLoss(nn.Module):

@@ -8,6 +8,7 @@ from torch import nn
 from .. import checks
 from ..engine import Plan, accumulation_dtype, fused_call
 from ..policy import DEFAULT_OPTIONS, FusedOptions
+from ._aux import AuxOutput, AuxRequest, aux_keys, stats_request
 from ._rows import clipped_surrogate, clipped_tokens, k3_kl, target_log_prob, widen
 from ._rows import entropy as row_entropy
 
@@ -43,8 +44,9 @@ def _grpo_rows(logits, token_ids, row_weight, advantages, old=None, ref=None, *,
     return value, tuple(a.detach() for a in aux)
 
 
-def linear_token_logprobs(hidden, weight, token_ids, *, temperature: float = 1.0, return_entropy: bool = False,
-                          bias=None, options: FusedOptions | None = None):
+def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature: float = 1.0,
+                          return_entropy: bool = False, return_aux: AuxRequest | None = None,
+                          options: FusedOptions | None = None):
     r"""Log-probability of each chosen token under ``softmax(hidden @ weight.T / temperature)``, fused.
 
     Same values and gradients, up to float rounding, as the unfused code::
@@ -58,27 +60,35 @@ def linear_token_logprobs(hidden, weight, token_ids, *, temperature: float = 1.0
         weight (Tensor): ``(V, D)`` output layer.
         token_ids (Tensor): ``(...)`` integer ids in ``[0, V)``, hidden's leading shape.
         temperature (float): divides the logits (sampling temperature). Default: 1.
-        return_entropy (bool): also return each row's entropy (differentiable too). Default: ``False``.
+        return_entropy (bool): also return each row's entropy (differentiable too), as ``(logprobs, entropy)``.
+            Default: ``False``.
+        return_aux (AuxRequest, optional): ``AuxRequest(entropy=True)`` returns ``(logprobs, AuxOutput)`` with
+            the entropy in ``.entropy``, the form every loss shares.
         bias (Tensor, optional): ``(V,)`` output-layer bias.
         options (FusedOptions, optional): engine knobs.
     Returns:
-        Tensor ``logprobs`` of ``token_ids.shape`` (fp32), or ``(logprobs, entropy)``. Any upstream gradient
-        flows back to ``hidden``, ``weight`` and ``bias`` (the chunks are recomputed in backward).
+        Tensor ``logprobs`` of ``token_ids.shape`` (fp32), ``(logprobs, entropy)`` or ``(logprobs, AuxOutput)``.
+        Any upstream gradient flows back to ``hidden``, ``weight`` and ``bias`` (the chunks are recomputed in
+        backward).
     Memory: the gradients plus one ``(C, V)`` chunk; never ``(N, V)``.
     """
     name = "linear_token_logprobs"
     options = _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options)
-    plan = Plan(name, _logprob_rows, "rows", "none", {"temperature": temperature, "entropy": return_entropy},
-                options, row_shape=(2,) if return_entropy else ())
+    with_entropy = return_entropy or "entropy" in aux_keys(name, return_aux, ("entropy",))
+    plan = Plan(name, _logprob_rows, "rows", "none", {"temperature": temperature, "entropy": with_entropy},
+                options, row_shape=(2,) if with_entropy else ())
     out = fused_call(plan, hidden, weight, bias, (token_ids.long(),))
-    return (out[..., 0], out[..., 1]) if return_entropy else out
+    logp, entropy = (out[..., 0], out[..., 1]) if with_entropy else (out, None)
+    if return_aux is not None:
+        return logp, AuxOutput(entropy=entropy)
+    return (logp, entropy) if return_entropy else logp
 
 
 def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, old_logprobs=None,
                      ref_logprobs=None, beta: float = 0.04, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
                      loss_type: str = "grpo", importance_sampling_level: str = "token", temperature: float = 1.0,
-                     max_completion_length: int | None = None, return_stats: bool = False, bias=None,
-                     options: FusedOptions | None = None):
+                     max_completion_length: int | None = None, bias=None, return_aux: AuxRequest | None = None,
+                     options: FusedOptions | None = None, return_stats: bool = False):
     r"""GRPO-family policy loss (the formulas of TRL's GRPOTrainer) on fused per-token log-probabilities.
 
     Same value and gradients, up to float rounding, as the unfused code::
@@ -112,24 +122,30 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
         importance_sampling_level (str): ``"token"`` | ``"sequence"`` (GSPO). Default: ``"token"``.
         temperature (float): divides the logits, as when sampling. Default: 1.
         max_completion_length (int, optional): ``"dr_grpo"``'s constant denominator. Default: ``T``.
-        return_stats (bool): also return a dict of detached scalars for logging: ``"kl"`` (masked mean of the
-            k3 estimate; only with ``ref_logprobs``), ``"clip_ratio"`` (fraction of tokens where the clipped
-            term is the active one: ratio below ``1 - epsilon_low`` with ``A < 0``, or above
-            ``1 + epsilon_high`` with ``A > 0``), ``"entropy"`` (masked mean).
+        return_aux (AuxRequest, optional): ``AuxRequest(stats=True)`` also returns, in ``AuxOutput.stats``, a
+            dict of detached scalars for logging: ``"kl"`` (masked mean of the k3 estimate; only with
+            ``ref_logprobs``), ``"clip_ratio"`` (fraction of tokens where the clipped term is the active one:
+            ratio below ``1 - epsilon_low`` with ``A < 0``, or above ``1 + epsilon_high`` with ``A > 0``),
+            ``"entropy"`` (masked mean).
         bias, options: as in :func:`linear_token_logprobs`.
+        return_stats (bool): the old spelling of ``return_aux=AuxRequest(stats=True)``, returning
+            ``(loss, stats)``; accepted with a ``DeprecationWarning`` for one release.
     Returns:
-        an fp32 scalar, or ``(loss, stats)``.
+        an fp32 scalar, or ``(loss, AuxOutput)``.
     Token-level ratios make the loss a sum of per-row terms: the chunks are differentiated in the forward pass
     (three matmuls). Sequence-level ratios go through :func:`linear_token_logprobs` (four).
     """
     name = "linear_grpo_loss"
+    legacy = return_stats
+    return_stats = bool(aux_keys(name, stats_request(name, return_stats, return_aux), ("stats",)))
     b, t = _check_sequences(name, hidden, token_ids, completion_mask)
     _check_grpo(name, advantages, old_logprobs, ref_logprobs, beta, epsilon_low, epsilon_high, loss_type,
                 importance_sampling_level, max_completion_length, b, t, hidden)
     if importance_sampling_level == "token":
-        return _token_level_grpo(hidden, weight, token_ids, completion_mask, advantages, old_logprobs, ref_logprobs,
-                                 beta, epsilon_low, epsilon_high, loss_type, temperature, max_completion_length,
-                                 return_stats, bias, options)
+        out = _token_level_grpo(hidden, weight, token_ids, completion_mask, advantages, old_logprobs, ref_logprobs,
+                                beta, epsilon_low, epsilon_high, loss_type, temperature, max_completion_length,
+                                return_stats, bias, options)
+        return _with_stats(out, return_stats, legacy, return_aux)
     # sequence level: a token's ratio depends on its whole sequence, which chunks may split. The loss is then
     # plain PyTorch over the fused log-probabilities (whose chunks are recomputed in backward).
     out = linear_token_logprobs(hidden, weight, token_ids, temperature=temperature, return_entropy=return_stats,
@@ -147,10 +163,19 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
         per_token = per_token + beta * kl
     loss = (per_token * mask * _grpo_row_weight(mask, loss_type, max_completion_length)).sum()
     if not return_stats:
-        return loss
+        return _with_stats(loss, return_stats, legacy, return_aux)
     with torch.no_grad():
         clipped = clipped_tokens(ratio, adv, epsilon_low, epsilon_high)
-        return loss, _grpo_stats(mask, clipped.expand_as(mask).float(), token_entropy, kl)
+        stats = _grpo_stats(mask, clipped.expand_as(mask).float(), token_entropy, kl)
+    return _with_stats((loss, stats), return_stats, legacy, return_aux)
+
+
+def _with_stats(out, return_stats, legacy, return_aux):
+    """The return value: the loss; ``(loss, stats)`` for the deprecated return_stats; else (loss, AuxOutput)."""
+    if return_aux is None and not legacy:
+        return out
+    loss, stats = out if return_stats else (out, None)
+    return (loss, stats) if legacy else (loss, AuxOutput(stats=stats))
 
 
 def _grpo_row_weight(mask, loss_type, max_completion_length):
@@ -195,8 +220,9 @@ def _token_level_grpo(hidden, weight, token_ids, completion_mask, advantages, ol
 
 
 def linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, *, beta: float = 0.1,
-                    label_smoothing: float = 0.0, temperature: float = 1.0, reduction: str = "mean",
-                    return_stats: bool = False, bias=None, options: FusedOptions | None = None):
+                    label_smoothing: float = 0.0, temperature: float = 1.0, reduction: str = "mean", bias=None,
+                    return_aux: AuxRequest | None = None, options: FusedOptions | None = None,
+                    return_stats: bool = False):
     r"""DPO's sigmoid loss on fused sequence log-probabilities.
 
     The batch holds ``2B`` sequences: the ``B`` chosen ones, then their ``B`` rejected ones, in the same order.
@@ -216,12 +242,17 @@ def linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, *,
         label_smoothing (float): in ``[0, 0.5)``, the conservative DPO's assumed label-noise rate. Default: 0.
         temperature, bias, options: as in :func:`linear_token_logprobs`.
         reduction (str): over pairs, ``"mean"`` | ``"sum"`` | ``"none"``. Default: ``"mean"``.
-        return_stats (bool): also return detached ``"chosen_rewards"`` and ``"rejected_rewards"`` (B,)
-            (``beta * (seq - ref)``) and ``"reward_accuracy"`` (fraction of pairs with chosen > rejected).
+        return_aux (AuxRequest, optional): ``AuxRequest(stats=True)`` also returns, in ``AuxOutput.stats``,
+            detached ``"chosen_rewards"`` and ``"rejected_rewards"`` (B,) (``beta * (seq - ref)``) and
+            ``"reward_accuracy"`` (fraction of pairs with chosen > rejected).
+        return_stats (bool): the old spelling of ``return_aux=AuxRequest(stats=True)``, returning
+            ``(loss, stats)``; accepted with a ``DeprecationWarning`` for one release.
     Returns:
-        the loss, or ``(loss, stats)``.
+        the loss, or ``(loss, AuxOutput)``.
     """
     name = "linear_dpo_loss"
+    legacy = return_stats
+    return_stats = bool(aux_keys(name, stats_request(name, return_stats, return_aux), ("stats",)))
     n, t = _check_sequences(name, hidden, token_ids, completion_mask)
     if n % 2:
         raise ValueError(f"{name}: hidden must hold 2B sequences (B chosen, then B rejected), got {n}.")
@@ -241,10 +272,10 @@ def linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, *,
     loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     loss = loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
     if not return_stats:
-        return loss
+        return _with_stats(loss, return_stats, legacy, return_aux)
     stats = {"chosen_rewards": chosen.detach(), "rejected_rewards": rejected.detach(),
              "reward_accuracy": (chosen > rejected).float().mean().detach()}
-    return loss, stats
+    return _with_stats((loss, stats), return_stats, legacy, return_aux)
 
 
 def _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options) -> FusedOptions:
@@ -314,17 +345,22 @@ class LinearTokenLogprobs(nn.Module):
     """:func:`linear_token_logprobs` as a module: ``forward(hidden, weight, token_ids, bias=None)``."""
 
     def __init__(self, *, temperature: float = 1.0, return_entropy: bool = False,
-                 options: FusedOptions | None = None):
+                 return_aux: AuxRequest | None = None, options: FusedOptions | None = None):
         super().__init__()
-        _check_temperature(type(self).__name__, temperature)
-        self.temperature, self.return_entropy, self.options = temperature, return_entropy, options
+        name = type(self).__name__
+        _check_temperature(name, temperature)
+        aux_keys(name, return_aux, ("entropy",))
+        self.temperature, self.return_entropy, self.return_aux, self.options = (
+            temperature, return_entropy, return_aux, options)
 
     def forward(self, hidden, weight, token_ids, bias=None):
         return linear_token_logprobs(hidden, weight, token_ids, temperature=self.temperature,
-                                     return_entropy=self.return_entropy, bias=bias, options=self.options)
+                                     return_entropy=self.return_entropy, return_aux=self.return_aux, bias=bias,
+                                     options=self.options)
 
     def extra_repr(self):
-        return f"temperature={self.temperature}, return_entropy={self.return_entropy}, options={self.options!r}"
+        return (f"temperature={self.temperature}, return_entropy={self.return_entropy}, "
+                f"return_aux={self.return_aux!r}, options={self.options!r}")
 
 
 class LinearGRPOLoss(nn.Module):
@@ -333,17 +369,19 @@ class LinearGRPOLoss(nn.Module):
 
     def __init__(self, *, beta: float = 0.04, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
                  loss_type: str = "grpo", importance_sampling_level: str = "token", temperature: float = 1.0,
-                 max_completion_length: int | None = None, return_stats: bool = False,
-                 options: FusedOptions | None = None):
+                 max_completion_length: int | None = None, return_aux: AuxRequest | None = None,
+                 options: FusedOptions | None = None, return_stats: bool = False):
         super().__init__()
         name = type(self).__name__
+        aux_keys(name, return_aux, ("stats",))
         _check_grpo_options(name, epsilon_low, epsilon_high, loss_type, importance_sampling_level,
                             max_completion_length)
         _check_temperature(name, temperature)
         self.beta, self.epsilon_low, self.epsilon_high = beta, epsilon_low, epsilon_high
         self.loss_type, self.importance_sampling_level = loss_type, importance_sampling_level
         self.temperature = temperature
-        self.max_completion_length, self.return_stats, self.options = max_completion_length, return_stats, options
+        self.max_completion_length, self.return_aux, self.options = max_completion_length, return_aux, options
+        self.return_stats = return_stats  # deprecated; warns at the call
 
     def forward(self, hidden, weight, token_ids, completion_mask, advantages, old_logprobs=None,
                 ref_logprobs=None, bias=None):
@@ -352,13 +390,13 @@ class LinearGRPOLoss(nn.Module):
             ref_logprobs=ref_logprobs, beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
             loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
             temperature=self.temperature, max_completion_length=self.max_completion_length,
-            return_stats=self.return_stats, bias=bias, options=self.options)
+            return_aux=self.return_aux, return_stats=self.return_stats, bias=bias, options=self.options)
 
     def extra_repr(self):
         return (f"beta={self.beta}, epsilon_low={self.epsilon_low}, epsilon_high={self.epsilon_high}, "
                 f"loss_type={self.loss_type!r}, importance_sampling_level={self.importance_sampling_level!r}, "
                 f"temperature={self.temperature}, max_completion_length={self.max_completion_length}, "
-                f"return_stats={self.return_stats}, options={self.options!r}")
+                f"return_aux={self.return_aux!r}, options={self.options!r}")
 
 
 class LinearDPOLoss(nn.Module):
@@ -366,21 +404,23 @@ class LinearDPOLoss(nn.Module):
     bias=None)``; every keyword option is set (and checked) here."""
 
     def __init__(self, *, beta: float = 0.1, label_smoothing: float = 0.0, temperature: float = 1.0,
-                 reduction: str = "mean", return_stats: bool = False, options: FusedOptions | None = None):
+                 reduction: str = "mean", return_aux: AuxRequest | None = None,
+                 options: FusedOptions | None = None, return_stats: bool = False):
         super().__init__()
         name = type(self).__name__
+        aux_keys(name, return_aux, ("stats",))
         checks.check_reduction(name, reduction)
         _check_dpo_smoothing(name, label_smoothing)
         _check_temperature(name, temperature)
         self.beta, self.label_smoothing, self.temperature = beta, label_smoothing, temperature
-        self.reduction, self.return_stats, self.options = reduction, return_stats, options
+        self.reduction, self.return_aux, self.return_stats, self.options = reduction, return_aux, return_stats, options
 
     def forward(self, hidden, weight, token_ids, completion_mask, ref_logprobs, bias=None):
         return linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, beta=self.beta,
                                label_smoothing=self.label_smoothing, temperature=self.temperature,
-                               reduction=self.reduction, return_stats=self.return_stats, bias=bias,
-                               options=self.options)
+                               reduction=self.reduction, return_aux=self.return_aux, return_stats=self.return_stats,
+                               bias=bias, options=self.options)
 
     def extra_repr(self):
         return (f"beta={self.beta}, label_smoothing={self.label_smoothing}, temperature={self.temperature}, "
-                f"reduction={self.reduction!r}, return_stats={self.return_stats}, options={self.options!r}")
+                f"reduction={self.reduction!r}, return_aux={self.return_aux!r}, options={self.options!r}")
