@@ -53,12 +53,12 @@ def make_inputs(lead, dim, vocab, dtype=torch.float32, seed=0, ignored=0.1, igno
 
 
 def unfused_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=None, ignore_index=-100,
-                          label_smoothing=0.0, softcap=None, z_loss=0.0, reduction="mean"):
+                          label_smoothing=0.0, logit_scale=1.0, softcap=None, z_loss=0.0, reduction="mean"):
     """The unfused computation, widened to fp32 (fp64 stays fp64)."""
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     flat, tflat = logits.flatten(0, -2), targets.flatten()

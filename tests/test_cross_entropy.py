@@ -19,6 +19,8 @@ KWARGS = [
     {"z_loss": 1e-2},
     {"ignore_index": 5},
     {"softcap": 2.0, "z_loss": 1e-3, "label_smoothing": 0.2, "reduction": "sum"},
+    {"logit_scale": 0.0625},
+    {"logit_scale": 2.5, "softcap": 3.0, "reduction": "sum"},
 ]
 
 

@@ -71,6 +71,8 @@ ValueError: linear_cross_entropy: class_weight must have shape (V,) = (11,), got
 ValueError: linear_cross_entropy: reduction must be one of 'mean', 'sum', 'none', got 'avg'.""")
         self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W, T, softcap=-1.0)), """\
 ValueError: linear_cross_entropy: softcap must be a positive float or None, got -1.0.""")
+        self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W, T, logit_scale=0.0)), """\
+ValueError: linear_cross_entropy: logit_scale must be a positive finite float, got 0.0.""")
         self.assertExpectedInline(_message(lambda: FusedOptions(chunk_size=0)), """\
 ValueError: FusedOptions: chunk_size must be a positive int or None, got 0.""")
         self.assertExpectedInline(_message(lambda: LinearCrossEntropyLoss(reduction="mean ")), """\

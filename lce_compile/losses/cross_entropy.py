@@ -1,6 +1,8 @@
 """Fused linear cross-entropy: softcap, z-loss, label smoothing, class weights, bias, per-token stats."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,10 +17,12 @@ _NAME = "linear_cross_entropy"
 _AUX = ("loss", "lse", "correct")  # the AuxRequest fields cross-entropy gives
 
 
-def _ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoothing=0.0, softcap=None,
-             z_loss=0.0, aux_keys=()):
+def _ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoothing=0.0, logit_scale=1.0,
+             softcap=None, z_loss=0.0, aux_keys=()):
     """One chunk: logits (C, V) -> per-row loss (C,) in fp32, plus requested aux. Ignored rows give 0."""
     z = widen(logits)
+    if logit_scale != 1.0:
+        z = z * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     kept = targets != ignore_index
@@ -44,14 +48,15 @@ def _ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smo
 
 
 def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=None, ignore_index: int = -100,
-                         label_smoothing: float = 0.0, softcap: float | None = None, z_loss: float = 0.0,
-                         reduction: str = "mean", return_aux: AuxRequest | None = None,
+                         label_smoothing: float = 0.0, logit_scale: float = 1.0, softcap: float | None = None,
+                         z_loss: float = 0.0, reduction: str = "mean", return_aux: AuxRequest | None = None,
                          options: FusedOptions | None = None):
     r"""Cross-entropy of ``hidden @ weight.T`` against ``targets``, without materializing the logits.
 
     Same value and gradients, up to float rounding, as the unfused code::
 
         logits = (hidden @ weight.T + bias).float()          # (..., V); bias if given
+        logits = logits * logit_scale                        # if logit_scale != 1
         logits = softcap * torch.tanh(logits / softcap)      # if softcap is not None
         loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), weight=class_weight,
                                ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
@@ -67,6 +72,8 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
         class_weight (Tensor, optional): ``(V,)`` per-class weights, as ``F.cross_entropy``'s ``weight``.
         ignore_index (int): targets equal to it contribute 0 and leave the mean. Default: ``-100``.
         label_smoothing (float): as in ``F.cross_entropy``. Default: ``0.0``.
+        logit_scale (float): multiplies the fp32 logits first (Cohere's ``logit_scale``; Granite's
+            ``1 / logits_scaling``). Default: ``1.0``.
         softcap (float, optional): Gemma 2's logit soft-capping ``softcap * tanh(logits / softcap)``.
         z_loss (float): PaLM's auxiliary ``z_loss * logsumexp(logits) ** 2`` per kept token. Default: ``0.0``.
         reduction (str): ``"mean"`` (global mean over kept tokens) | ``"sum"`` | ``"none"``. Default: ``"mean"``.
@@ -88,9 +95,10 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
     targets = targets.long()
     checks.check_class_weight(_NAME, "class_weight", class_weight, hidden, vocab)
     checks.check_reduction(_NAME, reduction)
-    _check_options(label_smoothing, softcap, z_loss, return_aux)
+    _check_options(label_smoothing, logit_scale, softcap, z_loss, return_aux)
     aux_keys = requested_aux(_NAME, return_aux, _AUX)
-    static = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "softcap": softcap,
+    static = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "logit_scale": logit_scale,
+              "softcap": softcap,
               "z_loss": z_loss, "aux_keys": aux_keys}
     tensors = {} if class_weight is None else {"class_weight": class_weight}
     plan = Plan(_NAME, _ce_rows, "rows", reduction, static, options, tuple(tensors), aux_keys=aux_keys)
@@ -102,9 +110,11 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
     return loss, AuxOutput(**dict(zip(aux_keys, aux)))
 
 
-def _check_options(label_smoothing, softcap, z_loss, return_aux):
+def _check_options(label_smoothing, logit_scale, softcap, z_loss, return_aux):
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{_NAME}: label_smoothing must be in [0, 1], got {label_smoothing!r}.")
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"{_NAME}: logit_scale must be a positive finite float, got {logit_scale!r}.")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"{_NAME}: softcap must be a positive float or None, got {softcap!r}.")
     if not z_loss >= 0:
@@ -120,24 +130,24 @@ class LinearCrossEntropyLoss(nn.Module):
     """
 
     def __init__(self, *, class_weight=None, ignore_index: int = -100, label_smoothing: float = 0.0,
-                 softcap: float | None = None, z_loss: float = 0.0, reduction: str = "mean",
+                 logit_scale: float = 1.0, softcap: float | None = None, z_loss: float = 0.0, reduction: str = "mean",
                  return_aux: AuxRequest | None = None, options: FusedOptions | None = None):
         super().__init__()
         checks.check_reduction(type(self).__name__, reduction)
-        _check_options(label_smoothing, softcap, z_loss, return_aux)
+        _check_options(label_smoothing, logit_scale, softcap, z_loss, return_aux)
         self.register_buffer("class_weight", class_weight)
-        self.ignore_index, self.label_smoothing, self.softcap, self.z_loss = (
-            ignore_index, label_smoothing, softcap, z_loss)
+        self.ignore_index, self.label_smoothing, self.logit_scale, self.softcap, self.z_loss = (
+            ignore_index, label_smoothing, logit_scale, softcap, z_loss)
         self.reduction, self.return_aux, self.options = reduction, return_aux, options
 
     def forward(self, hidden, weight, targets, bias=None):
         return linear_cross_entropy(
             hidden, weight, targets, bias=bias, class_weight=self.class_weight, ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing, softcap=self.softcap, z_loss=self.z_loss,
-            reduction=self.reduction, return_aux=self.return_aux, options=self.options)
+            label_smoothing=self.label_smoothing, logit_scale=self.logit_scale, softcap=self.softcap,
+            z_loss=self.z_loss, reduction=self.reduction, return_aux=self.return_aux, options=self.options)
 
     def extra_repr(self):
         weights = "None" if self.class_weight is None else f"Tensor{tuple(self.class_weight.shape)}"
         return (f"class_weight={weights}, ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-                f"softcap={self.softcap}, z_loss={self.z_loss}, reduction={self.reduction!r}, "
-                f"return_aux={self.return_aux!r}, options={self.options!r}")
+                f"logit_scale={self.logit_scale}, softcap={self.softcap}, z_loss={self.z_loss}, "
+                f"reduction={self.reduction!r}, return_aux={self.return_aux!r}, options={self.options!r}")
