@@ -157,6 +157,10 @@ def patch(model: nn.Module, *, z_loss: float = 0.0, options: FusedOptions | None
         raise ValueError(f"patch({name}): expected a transformers PreTrainedModel (or a PEFT model around one).")
     if "_lce_compile_patch" in base.__dict__:
         raise ValueError(f"patch({name}): the model is already patched; remove() that patch first.")
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    if base.loss_function is not ForCausalLMLoss:  # another loss_type, or a loss_function set by the user
+        raise ValueError(f"patch({name}): its loss_function is {getattr(base.loss_function, '__qualname__', '?')}, "
+                         f"not transformers' ForCausalLMLoss, so the fused cross-entropy would compute another loss.")
     head = base.get_output_embeddings()
     if type(head) is not nn.Linear and not (isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward):
         raise ValueError(f"patch({name}): its output layer is a {type(head).__name__}, not a plain nn.Linear, so "
