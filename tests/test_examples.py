@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -33,3 +35,12 @@ def test_train_tiny_lm_curves_agree(tmp_path):
     first, last = (float(x) for x in re.search(r"^ +fused: loss (\S+) -> (\S+),", out, re.M).groups())
     assert last < first, f"the loss did not fall:\n{out}"
     assert plot.exists() or "matplotlib is not installed" in out
+
+
+def test_hf_trainer_curves_agree(tmp_path):
+    pytest.importorskip("transformers")
+    out = run_example("hf_trainer.py", "--steps", "20", "--vocab", "512", "--out", str(tmp_path / "curves.png"))
+    rel = float(re.search(r"max relative difference over 20 steps: (\S+)", out).group(1))
+    assert rel < 1e-4, out  # the script exits non-zero above 1e-3
+    first, last = (float(x) for x in re.search(r"^ +patched: loss (\S+) -> (\S+)", out, re.M).groups())
+    assert last < first, f"the loss did not fall:\n{out}"
