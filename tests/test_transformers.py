@@ -218,3 +218,10 @@ def test_trainer_logs_and_ends_the_same(grad_accumulation, tmp_path):
     torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-6)
     for name, p in got_params.items():  # AdamW's m / sqrt(v) magnifies rounding in near-zero gradients: the bound
         torch.testing.assert_close(p, want_params[name], rtol=1e-5, atol=1e-5)  # is 1% of one step (lr 1e-3)
+
+
+def test_import_lce_compile_does_not_import_transformers():
+    import subprocess
+    import sys
+    code = "import sys, lce_compile, lce_compile.integrations; assert 'transformers' not in sys.modules; print('ok')"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
