@@ -238,3 +238,36 @@ def test_return_aux_is_one_request_type_and_return_stats_is_deprecated():
         LinearTokenLogprobs(return_aux=AuxRequest(stats=True))
     with pytest.raises(TypeError, match="both return_stats= and return_aux="):
         linear_dpo_loss(h, w, ids, mask, ref, return_stats=True, return_aux=AuxRequest(stats=True))
+
+
+@pytest.mark.parametrize("transform", [{"softcap": 2.0}, {"logit_scale": 0.5, "softcap": 3.0, "temperature": 0.7},
+                                       {"logit_scale": 1.5}], ids=str)
+def test_logprob_transforms_and_statistics(transform):
+    """Transform order z * logit_scale -> softcap -> / temperature; entropy differentiable, the statistics
+    detached, against an fp64 unfused reference; is_top1 takes the first of tied maxima."""
+    hidden, weight, ids, _, g = _inputs(3, 29, seed=9)
+    ids[0, :4] = (hidden[0, :4] @ weight.T).argmax(-1)  # some tokens are the argmax
+    scale, cap, temp = transform.get("logit_scale", 1.0), transform.get("softcap"), transform.get("temperature", 1.0)
+    up_lp, up_ent = (torch.randn(ids.shape, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def reference(h, w):
+        z = (h @ w.T) * scale
+        z = cap * torch.tanh(z / cap) if cap else z
+        logp_all = (z / temp).log_softmax(-1)
+        lp = logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        stats = ((2 * logp_all).logsumexp(-1), (z / temp).mean(-1), (z / temp).argmax(-1) == ids)
+        reference.stats = stats
+        return (lp * up_lp).sum() + (ent * up_ent).sum()
+
+    def fused(h, w):
+        lp, aux = linear_token_logprobs(h, w, ids, options=OPTS, **transform, return_aux=AuxRequest(
+            entropy=True, log_sum_sq_probs=True, mean_logits=True, is_top1=True))
+        fused.stats = aux.log_sum_sq_probs, aux.mean_logits, aux.is_top1
+        assert not any(s.requires_grad for s in fused.stats)
+        return (lp.double() * up_lp).sum() + (aux.entropy.double() * up_ent).sum()
+
+    _close(_grads(fused, hidden, weight, torch.float32), _grads(reference, hidden, weight, torch.float64))
+    for got, want in zip(fused.stats[:2], reference.stats[:2]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused.stats[2], reference.stats[2]) and fused.stats[2].any()

@@ -20,6 +20,8 @@ class AuxRequest:
         lse (bool): cross-entropy: ``logsumexp`` of the (softcapped) fp32 logits.
         correct (bool): cross-entropy: whether ``argmax(logits) == target`` (``False`` for ignored tokens).
         entropy (bool): token log-probs: each row's entropy, differentiable like the log-probs.
+        log_sum_sq_probs, mean_logits, is_top1 (bool): token log-probs: ``log sum_v p_v ** 2``, the mean of the
+            (transformed) logits, whether the token is the first argmax.
     For logging:
         stats (bool): GRPO and DPO: a dict of detached scalars (see each loss).
     """
@@ -28,6 +30,9 @@ class AuxRequest:
     lse: bool = False
     correct: bool = False
     entropy: bool = False
+    log_sum_sq_probs: bool = False
+    mean_logits: bool = False
+    is_top1: bool = False
     stats: bool = False
 
     def keys(self) -> tuple:
@@ -41,6 +46,9 @@ class AuxOutput(NamedTuple):
     lse: Optional[torch.Tensor] = None
     correct: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
+    log_sum_sq_probs: Optional[torch.Tensor] = None
+    mean_logits: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
     stats: Optional[dict] = None
 
 

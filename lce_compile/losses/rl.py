@@ -1,6 +1,8 @@
 """RL and preference losses: fused per-token log-probabilities, the GRPO family and DPO on top of them."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,13 +18,27 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 LEVELS = ("token", "sequence")
 
 
-def _logprob_rows(logits, token_ids, *, temperature=1.0, entropy=False):
-    """One chunk: log p(token) under softmax(logits / T), (C,), or (C, 2) with the row's entropy too."""
-    z = widen(logits) / temperature
+_LOGPROB_AUX = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # the AuxRequest fields log-probs give
+
+
+def _logprob_rows(logits, token_ids, *, temperature=1.0, logit_scale=1.0, softcap=None, entropy=False,
+                  aux_keys=()):
+    """One chunk: log p(token), (C,), or (C, 2) with the row's entropy too, under softmax(z) for
+    z = softcap(logits * logit_scale) / temperature; plus the requested detached statistics of z."""
+    z = widen(logits)
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
     logp, lse = target_log_prob(z, token_ids)
-    if not entropy:
-        return logp
-    return torch.stack((logp, row_entropy(z, lse)), dim=-1)
+    value = torch.stack((logp, row_entropy(z, lse)), dim=-1) if entropy else logp
+    if not aux_keys:
+        return value
+    stats = {"log_sum_sq_probs": lambda: torch.logsumexp(2 * z, dim=-1) - 2 * lse,  # log sum_v p_v^2
+             "mean_logits": lambda: z.mean(-1),
+             "is_top1": lambda: z.argmax(dim=-1) == token_ids}  # argmax takes the first of tied maxima
+    return value, tuple(stats[key]().detach() for key in aux_keys)
 
 
 def _grpo_rows(logits, token_ids, row_weight, advantages, old=None, ref=None, *, temperature=1.0, beta=0.0,
@@ -45,25 +61,33 @@ def _grpo_rows(logits, token_ids, row_weight, advantages, old=None, ref=None, *,
 
 
 def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature: float = 1.0,
-                          return_entropy: bool = False, return_aux: AuxRequest | None = None,
-                          options: FusedOptions | None = None):
+                          softcap: float | None = None, logit_scale: float = 1.0, return_entropy: bool = False,
+                          return_aux: AuxRequest | None = None, options: FusedOptions | None = None):
     r"""Log-probability of each chosen token under ``softmax(hidden @ weight.T / temperature)``, fused.
 
     Same values and gradients, up to float rounding, as the unfused code::
 
-        logits = (hidden @ weight.T + bias).float() / temperature            # (..., V); bias if given
+        logits = (hidden @ weight.T + bias).float()                          # (..., V); bias if given
+        logits = logits * logit_scale                                        # if logit_scale != 1
+        logits = softcap * torch.tanh(logits / softcap)                      # if softcap is not None
+        logits = logits / temperature
         logprobs = logits.log_softmax(-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
         entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)     # if return_entropy
+        log_sum_sq_probs = (2 * logits.log_softmax(-1)).logsumexp(-1)        # the AuxRequest fields, detached
+        mean_logits = logits.mean(-1)
+        is_top1 = logits.argmax(-1) == token_ids
 
     Args:
         hidden (Tensor): ``(..., D)`` final hidden states.
         weight (Tensor): ``(V, D)`` output layer.
         token_ids (Tensor): ``(...)`` integer ids in ``[0, V)``, hidden's leading shape.
-        temperature (float): divides the logits (sampling temperature). Default: 1.
+        temperature (float): divides the logits (sampling temperature), last. Default: 1.
+        softcap (float, optional): Gemma's ``softcap * tanh(logits / softcap)``, after ``logit_scale``.
+        logit_scale (float): multiplies the fp32 logits first. Default: 1.
         return_entropy (bool): also return each row's entropy (differentiable too), as ``(logprobs, entropy)``.
             Default: ``False``.
-        return_aux (AuxRequest, optional): ``AuxRequest(entropy=True)`` returns ``(logprobs, AuxOutput)`` with
-            the entropy in ``.entropy``, the form every loss shares.
+        return_aux (AuxRequest, optional): returns ``(logprobs, AuxOutput)``: ``entropy`` (differentiable),
+            ``log_sum_sq_probs``, ``mean_logits``, ``is_top1`` (first argmax on ties) as requested.
         bias (Tensor, optional): ``(V,)`` output-layer bias.
         options (FusedOptions, optional): engine knobs.
     Returns:
@@ -74,13 +98,19 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature: 
     """
     name = "linear_token_logprobs"
     options = _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options)
-    with_entropy = return_entropy or "entropy" in aux_keys(name, return_aux, ("entropy",))
-    plan = Plan(name, _logprob_rows, "rows", "none", {"temperature": temperature, "entropy": with_entropy},
-                options, row_shape=(2,) if with_entropy else ())
+    _check_transform(name, softcap, logit_scale)
+    requested = aux_keys(name, return_aux, _LOGPROB_AUX)
+    with_entropy = return_entropy or "entropy" in requested
+    detached = tuple(key for key in requested if key != "entropy")
+    static = {"temperature": temperature, "logit_scale": logit_scale, "softcap": softcap, "entropy": with_entropy,
+              "aux_keys": detached}
+    plan = Plan(name, _logprob_rows, "rows", "none", static, options, row_shape=(2,) if with_entropy else (),
+                aux_keys=detached)
     out = fused_call(plan, hidden, weight, bias, (token_ids.long(),))
+    out, stats = out if detached else (out, ())
     logp, entropy = (out[..., 0], out[..., 1]) if with_entropy else (out, None)
     if return_aux is not None:
-        return logp, AuxOutput(entropy=entropy)
+        return logp, AuxOutput(entropy=entropy, **dict(zip(detached, stats)))
     return (logp, entropy) if return_entropy else logp
 
 
@@ -287,6 +317,13 @@ def _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, op
     return options
 
 
+def _check_transform(name, softcap, logit_scale):
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{name}: softcap must be a positive float or None, got {softcap!r}.")
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale != 0):
+        raise ValueError(f"{name}: logit_scale must be a finite nonzero float, got {logit_scale!r}.")
+
+
 def _check_dpo_smoothing(name, label_smoothing):
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"{name}: label_smoothing must be in [0, 0.5), got {label_smoothing!r}.")
@@ -344,23 +381,25 @@ def _check_grpo_options(name, epsilon_low, epsilon_high, loss_type, level, max_c
 class LinearTokenLogprobs(nn.Module):
     """:func:`linear_token_logprobs` as a module: ``forward(hidden, weight, token_ids, bias=None)``."""
 
-    def __init__(self, *, temperature: float = 1.0, return_entropy: bool = False,
-                 return_aux: AuxRequest | None = None, options: FusedOptions | None = None):
+    def __init__(self, *, temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
+                 return_entropy: bool = False, return_aux: AuxRequest | None = None,
+                 options: FusedOptions | None = None):
         super().__init__()
         name = type(self).__name__
         _check_temperature(name, temperature)
-        aux_keys(name, return_aux, ("entropy",))
-        self.temperature, self.return_entropy, self.return_aux, self.options = (
-            temperature, return_entropy, return_aux, options)
+        _check_transform(name, softcap, logit_scale)
+        aux_keys(name, return_aux, _LOGPROB_AUX)
+        self.temperature, self.softcap, self.logit_scale = temperature, softcap, logit_scale
+        self.return_entropy, self.return_aux, self.options = return_entropy, return_aux, options
 
     def forward(self, hidden, weight, token_ids, bias=None):
-        return linear_token_logprobs(hidden, weight, token_ids, temperature=self.temperature,
-                                     return_entropy=self.return_entropy, return_aux=self.return_aux, bias=bias,
-                                     options=self.options)
+        return linear_token_logprobs(hidden, weight, token_ids, temperature=self.temperature, softcap=self.softcap,
+                                     logit_scale=self.logit_scale, return_entropy=self.return_entropy,
+                                     return_aux=self.return_aux, bias=bias, options=self.options)
 
     def extra_repr(self):
-        return (f"temperature={self.temperature}, return_entropy={self.return_entropy}, "
-                f"return_aux={self.return_aux!r}, options={self.options!r}")
+        return (f"temperature={self.temperature}, softcap={self.softcap}, logit_scale={self.logit_scale}, "
+                f"return_entropy={self.return_entropy}, return_aux={self.return_aux!r}, options={self.options!r}")
 
 
 class LinearGRPOLoss(nn.Module):
