@@ -50,12 +50,17 @@ class FusedOptions:
             from the device; it is skipped inside ``torch.compile``. Unchecked out-of-range targets give a
             NaN loss in :func:`linear_cross_entropy` (with ``class_weight`` or ``label_smoothing``, PyTorch's
             own error: an ``IndexError`` on the CPU, a device-side assert on CUDA). Default: ``True``.
+        grad_weight_dtype (torch.dtype, optional): the weight gradient's accumulator across chunks.
+            ``torch.float32`` rounds a 16-bit gradient once instead of once per chunk (TRL's choice), at the
+            cost of an fp32 ``(V, D)`` buffer: twice a bf16 gradient's bytes, plus a cast. Default: fp32 on the
+            CPU and MPS, the weight's dtype on CUDA.
     """
 
     chunk_size: int | None = None
     chunk_memory: float | None = None
     compile: bool | None = None
     validate: bool = True
+    grad_weight_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         size = self.chunk_size
@@ -70,6 +75,9 @@ class FusedOptions:
             raise TypeError(f"FusedOptions: compile must be a bool or None, got {self.compile!r}.")
         if not isinstance(self.validate, bool):
             raise TypeError(f"FusedOptions: validate must be a bool, got {self.validate!r}.")
+        dtype = self.grad_weight_dtype
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"FusedOptions: grad_weight_dtype must be a floating torch.dtype or None, got {dtype!r}.")
 
 
 DEFAULT_OPTIONS = FusedOptions()
@@ -106,10 +114,10 @@ def schedule(step: Callable, hidden: torch.Tensor, weight: torch.Tensor, options
     n, vocab = hidden.shape[0], weight.shape[0]
     bounds = tuple(chunk_bounds(n, chunk_rows(weight, options, buffers)))
     if torch.compiler.is_compiling():  # traced into the user's graph: no step of ours runs
-        return Schedule(bounds, False, None, grad_weight_dtype(weight), hidden.device)
+        return Schedule(bounds, False, None, grad_weight_dtype(weight, options), hidden.device)
     compiled = wants_compile(hidden.device, options, n * vocab)
     run = chunk_function(step, compiled, hidden.device, forced=options.compile is True)
-    return Schedule(bounds, compiled, run, grad_weight_dtype(weight), hidden.device)
+    return Schedule(bounds, compiled, run, grad_weight_dtype(weight, options), hidden.device)
 
 
 def chunk_rows(weight: torch.Tensor, options: FusedOptions, buffers: int = 1) -> int:
@@ -241,14 +249,16 @@ def mark_rows_dynamic(*tensors) -> None:
             torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
-def grad_weight_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The weight gradient's accumulator across chunks.
+def grad_weight_dtype(weight: torch.Tensor, options: FusedOptions) -> torch.dtype:
+    """The weight gradient's accumulator across chunks: ``options.grad_weight_dtype`` if set, else this.
 
     fp32 on the CPU and MPS. On CUDA the weight's own dtype: an fp32 accumulator for a 16-bit weight would
     cost twice the gradient itself (the largest tensor of the call) plus a cast. cuBLAS still adds each
     chunk's product in fp32 and rounds once per chunk, so a bf16 gradient built from k chunks carries k
     roundings instead of one (measured: +5% relative error at 8 chunks, see docs/benchmarks.md).
     """
+    if options.grad_weight_dtype is not None:
+        return torch.promote_types(weight.dtype, options.grad_weight_dtype)  # never narrower than the weight
     if weight.device.type == "cuda":
         return weight.dtype
     return torch.promote_types(weight.dtype, torch.float32)

@@ -146,3 +146,15 @@ def test_no_grad_computes_only_the_loss():
         loss = linear_cross_entropy(hidden, weight, targets, options=SMALL)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, unfused_cross_entropy(hidden.double(), weight.double(), targets).float())
+
+
+def test_grad_weight_dtype_option_widens_the_accumulator():
+    """An fp64 accumulator for an fp32 weight: the same gradient, in the weight's dtype, no less accurate."""
+    hidden, weight, targets = make_inputs(300, 16, 101, seed=21)
+    gold = run(unfused_cross_entropy, hidden, weight, targets, torch.float64)
+    base = run(_fused, hidden, weight, targets)
+    wide = run(lambda h, w, t: linear_cross_entropy(
+        h, w, t, options=FusedOptions(chunk_size=16, grad_weight_dtype=torch.float64)), hidden, weight, targets)
+    assert wide[2].dtype == torch.float32
+    torch.testing.assert_close(wide[2], base[2])
+    assert (wide[2].double() - gold[2]).abs().mean() <= (base[2].double() - gold[2]).abs().mean() * 1.01

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lce_compile import FusedOptions, fused_loss, linear_cross_entropy
+from lce_compile import FusedOptions, fused_loss, linear_cross_entropy, linear_token_logprobs
 from lce_compile.testing import assert_no_less_accurate, forward_backward as run, make_inputs, unfused_cross_entropy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -54,6 +54,35 @@ def test_low_precision_no_less_accurate_than_unfused(dtype, generic):
     ref = run(ref_fn, hidden, weight, targets, dtype)
     out = run(out_fn, hidden, weight, targets, dtype)
     assert_no_less_accurate(out, ref, gold, )
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "token_logprobs"])
+def test_fp32_grad_weight_accumulator_rounds_once(loss):
+    """FusedOptions(grad_weight_dtype=torch.float32): a bf16 weight gradient over 8 chunks is as accurate as
+    the unfused code's one matmul, and more accurate than the default bf16 sum."""
+    hidden, weight, targets = _cuda(*make_inputs(4096, 512, 32003, seed=12))
+    targets = targets.clamp(min=0)
+    if loss == "cross_entropy":
+        ref_fn = unfused_cross_entropy
+
+        def fused(h, w, t, **o):
+            return linear_cross_entropy(h, w, t, options=FusedOptions(chunk_size=512, **o))
+    else:
+        def ref_fn(h, w, t):
+            z = h @ w.T
+            z = z.to(torch.promote_types(z.dtype, torch.float32))
+            return z.log_softmax(-1).gather(-1, t[:, None]).square().mean()
+
+        def fused(h, w, t, **o):
+            return linear_token_logprobs(h, w, t, options=FusedOptions(chunk_size=512, **o)).square().mean()
+    gold = run(ref_fn, hidden, weight, targets, torch.float64)
+    ref = run(ref_fn, hidden, weight, targets, torch.bfloat16)
+    default = run(fused, hidden, weight, targets, torch.bfloat16)
+    wide = run(functools.partial(fused, grad_weight_dtype=torch.float32), hidden, weight, targets, torch.bfloat16)
+    assert wide[2].dtype == torch.bfloat16
+    assert_no_less_accurate(wide, ref, gold, factor=(1.1, 1.1, 1.02))
+    err = [(g.double() - gold[2]).abs().mean() for g in (wide[2], default[2])]
+    assert err[0] < err[1], f"fp32 accumulator {err[0]:.3e} vs default {err[1]:.3e}"
 
 
 def _peak_above_inputs(fn, *args):

@@ -75,6 +75,8 @@ ValueError: linear_cross_entropy: softcap must be a positive float or None, got 
 ValueError: linear_cross_entropy: logit_scale must be a positive finite float, got 0.0.""")
         self.assertExpectedInline(_message(lambda: FusedOptions(chunk_size=0)), """\
 ValueError: FusedOptions: chunk_size must be a positive int or None, got 0.""")
+        self.assertExpectedInline(_message(lambda: FusedOptions(grad_weight_dtype=torch.int32)), """\
+TypeError: FusedOptions: grad_weight_dtype must be a floating torch.dtype or None, got torch.int32.""")
         self.assertExpectedInline(_message(lambda: LinearCrossEntropyLoss(reduction="mean ")), """\
 ValueError: LinearCrossEntropyLoss: reduction must be one of 'mean', 'sum', 'none', got 'mean '.""")
         self.assertExpectedInline(_message(lambda: fused_loss(F.cross_entropy, returns="avg")), """\
@@ -126,7 +128,7 @@ ValueError: linear_token_logprobs: token_ids must be in [0, 11), got 11.""")
 ValueError: linear_grpo_loss: hidden must have shape (B, T, D), got (4, 8).""")
         self.assertExpectedInline(_message(lambda: linear_grpo_loss(h3, W, ids, mask, adv[:1], beta=0.0)), """\
 ValueError: linear_grpo_loss: advantages must have shape (B,) = (2,), one per sequence, got (1,).""")
-        self.assertExpectedInline(_message(lambda: linear_grpo_loss(h3, W, ids, mask, adv)), """\
+        self.assertExpectedInline(_message(lambda: linear_grpo_loss(h3, W, ids, mask, adv, beta=0.04)), """\
 ValueError: linear_grpo_loss: beta=0.04 needs ref_logprobs for its KL term; pass them, or beta=0.0.""")
         self.assertExpectedInline(_message(lambda: linear_grpo_loss(h3, W, ids, mask, adv, beta=0.0,
                                                                     loss_type="ppo")), """\

@@ -136,7 +136,7 @@ def test_grpo_stats_and_module_form():
     cur, ent = ref_logprobs(hidden, weight, ids)
     old = (cur + 0.5 * torch.randn(cur.shape, generator=g, dtype=torch.float64)).float()
     ref = (cur + 0.1 * torch.randn(cur.shape, generator=g, dtype=torch.float64)).float()
-    module = LinearGRPOLoss(beta=0.1, return_aux=AuxRequest(stats=True), options=OPTS)
+    module = LinearGRPOLoss(beta=0.1, loss_type="grpo", return_aux=AuxRequest(stats=True), options=OPTS)
     loss, aux = module(hidden.float(), weight.float(), ids, mask, adv, old, ref)
     stats = aux.stats
     m = mask.double()

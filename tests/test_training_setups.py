@@ -45,7 +45,7 @@ def _losses(n, device="cpu"):
     th, tw = (t.to(device) for t in _teacher(n))
     ids, mask, adv, ref = (t.to(device) for t in _grpo_rows(n))
     grpo = functools.partial(linear_grpo_loss, token_ids=ids, completion_mask=mask, advantages=adv, ref_logprobs=ref,
-                             options=OPTS)
+                             beta=0.04, loss_type="grpo", options=OPTS)
     return {
         "ce_mean": (lambda h, w, t: linear_cross_entropy(h, w, t, options=OPTS),
                     lambda h, w, t: unfused_cross_entropy(h, w, t)),

@@ -109,3 +109,17 @@ def test_install_uninstall_use_and_refusal(monkeypatch):
     monkeypatch.delattr(trl_utils, "_ChunkedLogProbFunction")
     with pytest.raises(RuntimeError, match="has no trl.trainer.utils._ChunkedLogProbFunction"):
         lce_trl.install()
+
+
+def test_grpo_defaults_follow_trl_grpo_config():
+    import inspect
+
+    from trl import GRPOConfig
+
+    from lce_compile import linear_grpo_loss
+    config = GRPOConfig(output_dir="unused", report_to=[], use_cpu=True, bf16=False)
+    defaults = {k: p.default for k, p in inspect.signature(linear_grpo_loss).parameters.items()}
+    assert defaults["beta"] == config.beta and defaults["loss_type"] == config.loss_type
+    assert defaults["epsilon_low"] == config.epsilon and defaults["epsilon_high"] == (config.epsilon_high or config.epsilon)
+    assert defaults["importance_sampling_level"] == config.importance_sampling_level
+    assert defaults["temperature"] == config.temperature

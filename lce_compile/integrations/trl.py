@@ -12,6 +12,8 @@ import contextlib
 import importlib
 import inspect
 
+import torch
+
 from ..losses import AuxRequest, linear_token_logprobs
 from ..policy import FusedOptions
 
@@ -23,6 +25,9 @@ _SIGNATURE = ("hidden", "weight", "bias", "targets", "temperature", "chunk_size"
               "logit_scale", "outputs")
 _OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _state = {"original": None, "options": None}
+# TRL's kernel keeps fp32 gradient accumulators ("bf16 rounding per chunk makes the entropy drift"); so does the
+# swap unless told otherwise. On CUDA this costs an fp32 (V, D) buffer, twice a bf16 weight gradient.
+TRL_OPTIONS = FusedOptions(grad_weight_dtype=torch.float32)
 
 
 class FusedLogProbFunction:
@@ -44,11 +49,12 @@ class FusedLogProbFunction:
 def install(options: FusedOptions | None = None) -> None:
     """Make TRL's trainers compute their log-probs with :func:`lce_compile.linear_token_logprobs`.
 
-    Raises ``RuntimeError`` (and changes nothing) if the installed TRL has no such hook or a different
+    ``options`` default to :data:`TRL_OPTIONS`: an fp32 weight-gradient accumulator, as TRL's own kernel. Raises ``RuntimeError`` (and changes nothing) if the installed TRL has no such hook or a different
     signature. Calling it again only updates ``options``.
     """
     utils = importlib.import_module(_MODULE)
     current = getattr(utils, _NAME, None)
+    options = TRL_OPTIONS if options is None else options
     if current is FusedLogProbFunction:
         _state["options"] = options
         return

@@ -115,11 +115,14 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature: 
 
 
 def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, old_logprobs=None,
-                     ref_logprobs=None, beta: float = 0.04, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
-                     loss_type: str = "grpo", importance_sampling_level: str = "token", temperature: float = 1.0,
+                     ref_logprobs=None, beta: float = 0.0, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+                     loss_type: str = "dapo", importance_sampling_level: str = "token", temperature: float = 1.0,
                      max_completion_length: int | None = None, bias=None, return_aux: AuxRequest | None = None,
                      options: FusedOptions | None = None, return_stats: bool = False):
     r"""GRPO-family policy loss (the formulas of TRL's GRPOTrainer) on fused per-token log-probabilities.
+
+    The formulas and the defaults (``beta=0.0``, ``loss_type="dapo"``, ``epsilon_low = epsilon_high = 0.2``,
+    token-level ratios) follow TRL 1.16's ``GRPOConfig``.
 
     Same value and gradients, up to float rounding, as the unfused code::
 
@@ -146,9 +149,9 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
         old_logprobs (Tensor, optional): ``(B, T)`` log-probabilities under the sampling policy. Default: the
             current ones, detached (ratio 1, the on-policy case).
         ref_logprobs (Tensor, optional): ``(B, T)`` under the reference model; required when ``beta != 0``.
-        beta (float): KL coefficient. Default: 0.04.
+        beta (float): KL coefficient. Default: 0.0.
         epsilon_low, epsilon_high (float): clipping range ``[1 - epsilon_low, 1 + epsilon_high]``. Default: 0.2.
-        loss_type (str): ``"grpo"`` | ``"bnpo"`` | ``"dr_grpo"`` | ``"dapo"``. Default: ``"grpo"``.
+        loss_type (str): ``"grpo"`` | ``"bnpo"`` | ``"dr_grpo"`` | ``"dapo"``. Default: ``"dapo"``.
         importance_sampling_level (str): ``"token"`` | ``"sequence"`` (GSPO). Default: ``"token"``.
         temperature (float): divides the logits, as when sampling. Default: 1.
         max_completion_length (int, optional): ``"dr_grpo"``'s constant denominator. Default: ``T``.
@@ -406,8 +409,8 @@ class LinearGRPOLoss(nn.Module):
     """:func:`linear_grpo_loss` as a module: ``forward(hidden, weight, token_ids, completion_mask, advantages,
     old_logprobs=None, ref_logprobs=None, bias=None)``; every keyword option is set (and checked) here."""
 
-    def __init__(self, *, beta: float = 0.04, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
-                 loss_type: str = "grpo", importance_sampling_level: str = "token", temperature: float = 1.0,
+    def __init__(self, *, beta: float = 0.0, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+                 loss_type: str = "dapo", importance_sampling_level: str = "token", temperature: float = 1.0,
                  max_completion_length: int | None = None, return_aux: AuxRequest | None = None,
                  options: FusedOptions | None = None, return_stats: bool = False):
         super().__init__()
