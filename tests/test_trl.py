@@ -123,3 +123,13 @@ def test_grpo_defaults_follow_trl_grpo_config():
     assert defaults["epsilon_low"] == config.epsilon and defaults["epsilon_high"] == (config.epsilon_high or config.epsilon)
     assert defaults["importance_sampling_level"] == config.importance_sampling_level
     assert defaults["temperature"] == config.temperature
+
+
+def test_zero3_partitioned_trained_head_refused():
+    hidden, weight, b, targets, _ = _inputs(torch.float32, False, seed=2)
+    weight = weight.requires_grad_()
+    weight.ds_id = 7  # what DeepSpeed ZeRO-3 sets on a partitioned parameter
+    with pytest.raises(NotImplementedError, match="ZeRO-3 partitioned head that trains is not supported"):
+        lce_trl.FusedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, ())
+    with torch.no_grad():  # a frozen reference model under ZeRO-3 computes in forward only: fine
+        lce_trl.FusedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, ())

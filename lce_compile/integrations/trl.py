@@ -38,6 +38,10 @@ class FusedLogProbFunction:
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
               logit_scale=1.0, outputs=_OUTPUTS):
         # chunk_size is TRL's vocabulary tile; the engine chooses its own chunks (FusedOptions)
+        if getattr(weight, "ds_id", None) is not None and torch.is_grad_enabled() and weight.requires_grad:
+            # ZeRO-3 gathers the head around this call only; our backward recomputes chunks after the gather ends
+            raise NotImplementedError("lce_compile.integrations.trl: a DeepSpeed ZeRO-3 partitioned head that "
+                                      "trains is not supported; uninstall() for it, or use ZeRO-2 / FSDP2.")
         request = AuxRequest(**{name: True for name in outputs if name in _OUTPUTS})
         log_probs, aux = linear_token_logprobs(
             hidden, weight, targets, bias=bias, temperature=temperature, softcap=final_logit_softcapping,
