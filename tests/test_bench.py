@@ -73,15 +73,17 @@ def test_references_measure_what_the_methods_compute(loss):
     equals the reference (which the CUDA path runs in fp32, chunked for the cross-entropy), on the same inputs
     (the eager cross-entropy computes in fp32: the tolerance is fp32's, far below a wrong reference)."""
     from lce_compile.bench import measure
-    from lce_compile.bench.methods import CHUNKABLE_REFERENCES, LOSSES, REFERENCES
+    from lce_compile.bench.families import FAMILIES
 
+    family = FAMILIES[loss]
     hidden, weight, targets = measure.make_inputs(48, 16, 67, torch.float32, torch.device("cpu"))
-    for name, method in LOSSES[loss].items():
+    extras = family.extras(hidden, weight, targets)
+    rows = 16 if family.chunkable_reference else 48
+    for name, method in family.methods.items():
         if method.unavailable("cpu") or method.compiles and name != "fused":
             continue
-        rows = 16 if method.loss in CHUNKABLE_REFERENCES else 48
-        gold = measure._reference(REFERENCES[method.loss], hidden, weight, targets, rows)
-        got = measure._loss_and_grads(method.make(), hidden.double(), weight.double(), targets)
+        gold = measure._reference(family.reference_of(name), hidden, weight, targets, extras, rows)
+        got = measure._loss_and_grads(method.make(), hidden.double(), weight.double(), targets, extras)
         for g, r in zip(got, gold):
             torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6, msg=f"{loss} {name}")  # eager CE upcasts to fp32 only
 

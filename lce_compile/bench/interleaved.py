@@ -14,7 +14,7 @@ import time
 import torch
 
 from .measure import make_inputs, step
-from .methods import LOSSES
+from .families import FAMILIES
 
 
 def ratios(shape, methods, rounds, device="cpu", dtype=torch.float32, forward=False, loss="ce"):
@@ -22,9 +22,11 @@ def ratios(shape, methods, rounds, device="cpu", dtype=torch.float32, forward=Fa
 
     forward: time the forward pass alone, under ``torch.no_grad()``, instead of forward + backward.
     """
+    family = FAMILIES[loss]
     hidden, weight, targets = make_inputs(*shape, dtype, torch.device(device))
     hidden.requires_grad_(), weight.requires_grad_()
-    fns = {name: LOSSES[loss][name].make() for name in methods}
+    extras = family.extras(hidden, weight, targets)  # once: the same teacher or rollout for every method
+    fns = {name: family.methods[name].make() for name in methods}
 
     def timed(fn):
         if device == "cuda":
@@ -32,9 +34,9 @@ def ratios(shape, methods, rounds, device="cpu", dtype=torch.float32, forward=Fa
         start = time.perf_counter()
         if forward:
             with torch.no_grad():
-                fn(hidden, weight, targets)
+                fn(hidden, weight, targets, **extras)
         else:
-            step(fn, hidden, weight, targets)
+            step(fn, hidden, weight, targets, extras)
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start

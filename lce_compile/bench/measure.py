@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .methods import CHUNKABLE_REFERENCES, LOSSES, REFERENCES
+from .families import FAMILIES, IGNORE_INDEX
 
 ERROR_ROWS = 512   # CPU: tokens the errors are measured on; an fp64 reference at full N is slow there
 REFERENCE_ROWS = 4096  # CUDA: errors on all N tokens, vs an fp32 reference computed this many rows at a time
@@ -27,14 +27,15 @@ def make_inputs(n, d, v, dtype, device, seed=0):
     # |hidden row| ~ sqrt(D), so logits have std ~4: a peaked softmax, as in a trained model, not ~uniform.
     weight = torch.randn(v, d, generator=gen, device=device) * (4 / d ** 0.5)
     targets = torch.randint(0, v, (n,), generator=gen, device=device)
-    targets = targets.masked_fill(torch.rand(n, generator=gen, device=device) < 0.1, -100)
+    targets = targets.masked_fill(torch.rand(n, generator=gen, device=device) < 0.1, IGNORE_INDEX)
     return hidden.to(dtype), weight.to(dtype), targets
 
 
-def step(fn, hidden, weight, targets):
-    """One forward + backward; grads are set to None first, as ``zero_grad()`` does."""
+def step(fn, hidden, weight, targets, extras):
+    """One forward + backward of ``fn(hidden, weight, targets, **extras)``; grads are set to None first, as
+    ``zero_grad()`` does."""
     hidden.grad = weight.grad = None
-    loss = fn(hidden, weight, targets)
+    loss = fn(hidden, weight, targets, **extras)
     loss.backward()
     return loss.detach()
 
@@ -63,24 +64,28 @@ def describe(exc) -> str:
 
 
 def _setup(task):
+    """(family, device, hidden, weight, targets) of a task; the family's extras are the caller's to build, on
+    the rows it measures."""
     device, dtype = torch.device(task["device"]), getattr(torch, task["dtype"])
     n, d, v = task["shape"]
     hidden, weight, targets = make_inputs(n, d, v, dtype, device, task.get("seed", 0))
-    return device, hidden.requires_grad_(), weight.requires_grad_(), targets
+    return _family(task), device, hidden.requires_grad_(), weight.requires_grad_(), targets
 
 
-def _method(task, name):
-    return LOSSES[task.get("loss", "ce")][name]
+def _family(task):
+    return FAMILIES[task.get("loss", "ce")]
 
 
-def _warm_up(fn, method, hidden, weight, targets, full_runs):
+def _warm_up(fn, family, method, hidden, weight, targets, extras, full_runs):
     """Warm up tiny (code pages, lazy init), or full-size when the method compiles at its first full call."""
     if full_runs and (method.compiles or hidden.device.type == "cuda"):
         for _ in range(full_runs):
-            step(fn, hidden, weight, targets)
+            step(fn, hidden, weight, targets, extras)
     else:  # twice: a fresh process's second step can still pay one-time costs (a few ms; noise at tiny N)
+        tiny = hidden[:WARMUP_ROWS].detach().requires_grad_(), weight, targets[:WARMUP_ROWS]
+        tiny_extras = family.extras(*tiny)  # the extras of WARMUP_ROWS tokens (e.g. a rollout's sequences)
         for _ in range(2):
-            step(fn, hidden[:WARMUP_ROWS].detach().requires_grad_(), weight, targets[:WARMUP_ROWS])
+            step(fn, *tiny, tiny_extras)
     hidden.grad = weight.grad = None
 
 
@@ -95,10 +100,11 @@ def _cpu(task):
     # (The same as MALLOC_MMAP_THRESHOLD_=65536, which a forked worker would read too late.) It makes
     # small allocations slower, which can only understate a chunked method's speed.
     ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 65536)
-    _, hidden, weight, targets = _setup(task)
-    method = _method(task, task["method"])
+    family, _, hidden, weight, targets = _setup(task)
+    extras = family.extras(hidden, weight, targets)  # before the peak's baseline: inputs, not the step's
+    method = family.methods[task["method"]]
     fn = method.make()
-    _warm_up(fn, method, hidden, weight, targets, full_runs=task["warmup"])
+    _warm_up(fn, family, method, hidden, weight, targets, extras, full_runs=task["warmup"])
     base = _proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
@@ -106,7 +112,7 @@ def _cpu(task):
     # at least `repeat` steps, and short steps until ~6 s of them: one 2 s step moves by +-10% run to run
     while len(times) < task["repeat"] or (sum(times) < _CPU_MIN_TIMED_S and len(times) < 9):
         start = time.perf_counter()
-        step(fn, hidden, weight, targets)
+        step(fn, hidden, weight, targets, extras)
         times.append(time.perf_counter() - start)
         if len(times) == 1:
             peak = (_proc_status_kib("VmHWM") - base) * 1024
@@ -124,23 +130,25 @@ def _proc_status_kib(field):
 def _cuda(task):
     """CUDA: the first step (compilation included), peak allocated memory of one step above the inputs,
     the median of timed steps; then the same for the forward pass alone, under ``torch.no_grad()``."""
-    device, hidden, weight, targets = _setup(task)
-    method = _method(task, task["method"])
+    family, device, hidden, weight, targets = _setup(task)
+    extras = family.extras(hidden, weight, targets)
+    method = family.methods[task["method"]]
     fn = method.make()
     # no tiny warm-up: a compiled method would compile for it and again (with dynamic shapes) for N
     torch.cuda.synchronize(device)
     start = time.perf_counter()
-    step(fn, hidden, weight, targets)
+    step(fn, hidden, weight, targets, extras)
     torch.cuda.synchronize(device)
     first_call = time.perf_counter() - start
     for _ in range(task["warmup"] - 1):
-        step(fn, hidden, weight, targets)
+        step(fn, hidden, weight, targets, extras)
     hidden.grad = weight.grad = None  # the peak is measured above the inputs alone
-    peak, times = _cuda_timed(lambda: step(fn, hidden, weight, targets), device, task["repeat"])
+    peak, times = _cuda_timed(lambda: step(fn, hidden, weight, targets, extras), device, task["repeat"])
     with torch.no_grad():
         for _ in range(2):
-            fn(hidden, weight, targets)
-        forward_peak, forward_times = _cuda_timed(lambda: fn(hidden, weight, targets), device, task["repeat"])
+            fn(hidden, weight, targets, **extras)
+        forward_peak, forward_times = _cuda_timed(lambda: fn(hidden, weight, targets, **extras), device,
+                                                  task["repeat"])
     return {"peak_bytes": peak, "time_s": statistics.median(times), "times_s": times, "first_call_s": first_call,
             "forward_peak_bytes": forward_peak, "forward_time_s": statistics.median(forward_times),
             "device_name": torch.cuda.get_device_name(device)}
@@ -169,42 +177,45 @@ def _errors(task):
 
     CPU: on the first ERROR_ROWS tokens, vs fp64. CUDA: on all tokens (so the chunks are the same as in
     the timed run), vs fp32 without TF32, computed REFERENCE_ROWS rows at a time (fp32 gradient sums).
-    All methods share one process: the reference is the expensive part, computed once per loss.
+    All methods share one process: the reference is the expensive part, computed once per reference.
     """
-    device, hidden, weight, targets = _setup(task)
+    family, device, hidden, weight, targets = _setup(task)
     if device.type != "cuda":
         hidden, targets = hidden[:ERROR_ROWS], targets[:ERROR_ROWS]
-    golds, out = {}, {}  # golds: loss name -> (loss, grad_hidden, grad_weight)
+    extras = family.extras(hidden, weight, targets)  # of the rows measured, shared by methods and references
+    rows = REFERENCE_ROWS if family.chunkable_reference else hidden.shape[0]
+    golds, out = {}, {}  # golds: reference fn -> (loss, grad_hidden, grad_weight)
     for name in task["methods"]:
-        method = _method(task, name)
+        reference = family.reference_of(name)
         try:
-            if method.loss not in golds:
-                rows = REFERENCE_ROWS if method.loss in CHUNKABLE_REFERENCES else hidden.shape[0]
-                golds[method.loss] = _reference(REFERENCES[method.loss], hidden, weight, targets, rows)
-            got = _loss_and_grads(method.make(), hidden, weight, targets)
-            out[name] = {f"err_{key}": _relative_error(g, r) for key, g, r in zip(_KEYS, got, golds[method.loss])}
+            if reference not in golds:
+                golds[reference] = _reference(reference, hidden, weight, targets, extras, rows)
+            got = _loss_and_grads(family.methods[name].make(), hidden, weight, targets, extras)
+            out[name] = {f"err_{key}": _relative_error(g, r) for key, g, r in zip(_KEYS, got, golds[reference])}
             del got
         except Exception as exc:  # one failing method keeps the others' errors
             out[name] = {"error": describe(exc)}
     return {"errors": out}
 
 
-def _reference(fn, hidden, weight, targets, rows):
+def _reference(fn, hidden, weight, targets, extras, rows):
     """(loss, grad_hidden, grad_weight) of ``fn`` in fp64 (CPU) or fp32 without TF32 (CUDA). ``rows`` below N:
-    a sum-reducible reference runs that many rows at a time; else one call of the mean, as the methods make."""
+    a sum-reducible reference runs that many rows at a time; else one call of the mean, as the methods make.
+    The extras are passed as they are: the references widen them as the methods do (a teacher to the
+    student's dtype, fp32 advantages by type promotion)."""
     dtype = torch.float32 if hidden.device.type == "cuda" else torch.float64
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         if rows >= hidden.shape[0]:
-            return _loss_and_grads(fn, hidden.to(dtype), weight.to(dtype), targets)
+            return _loss_and_grads(fn, hidden.to(dtype), weight.to(dtype), targets, extras)
         hidden_ref = hidden.detach().to(dtype).requires_grad_()
         weight_ref = weight.detach().to(dtype).requires_grad_()
-        kept = (targets != -100).sum()
+        kept = (targets != IGNORE_INDEX).sum()
         total = 0.0
         for start in range(0, hidden.shape[0], rows):
             part = slice(start, start + rows)
-            loss = fn(hidden_ref[part], weight_ref, targets[part], reduction="sum") / kept
+            loss = fn(hidden_ref[part], weight_ref, targets[part], reduction="sum") / kept  # (no extras)
             loss.backward()  # weight_ref.grad sums the chunks
             total = total + loss.detach()
         return total, hidden_ref.grad, weight_ref.grad
@@ -215,9 +226,9 @@ def _reference(fn, hidden, weight, targets, rows):
 _KEYS = ("loss", "grad_hidden", "grad_weight")
 
 
-def _loss_and_grads(fn, hidden, weight, targets):
+def _loss_and_grads(fn, hidden, weight, targets, extras):
     hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()  # fresh leaves
-    loss = step(fn, hidden, weight, targets)
+    loss = step(fn, hidden, weight, targets, extras)
     return loss, hidden.grad, weight.grad
 
 

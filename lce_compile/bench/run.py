@@ -12,7 +12,7 @@ import sys
 import torch
 
 from . import measure, report
-from .methods import LOSSES, TEACHER_WIDTH
+from .families import FAMILIES
 
 # name -> (N tokens, D hidden, V vocab)
 SHAPES = {
@@ -22,7 +22,7 @@ SHAPES = {
     "llama3-8b": (8192, 4096, 128256),
     "qwen2.5-7b": (8192, 3584, 152064),
     "gemma2-2b-32k": (32768, 2304, 256000),
-    # --loss kd: the student's (N, D, V); the teacher is TEACHER_WIDTH x wider
+    # --loss kd: the student's (N, D, V); the teacher is TEACHER_WIDTH (families/kd.py) x wider
     "kd-cpu": (1024, 256, 32768),
     "kd-qwen": (8192, 2048, 151936),
     # --loss grpo: N tokens as N / 1024 sequences of 1024 completion tokens
@@ -56,15 +56,11 @@ def parse_args(argv=None):
                     "Each (shape, method) is measured in fresh worker processes.",
         epilog="shapes (N tokens, D hidden, V vocab):\n"
                + "\n".join(f"  {k:14s}N={n} D={d} V={v}" for k, (n, d, v) in SHAPES.items())
-               + "".join(f"\nmethods, --loss {loss}:\n" + "\n".join(f"  {k:27s}{m.doc}" for k, m in methods.items())
-                         for loss, methods in LOSSES.items())
-               + f"\n--loss kd: forward KL to a teacher {TEACHER_WIDTH}x as wide as the student (D); the floor is "
-                 "the student's gradients (reverse KL and JSD: --methods all or by name)\n--loss grpo: N tokens as "
-                 "N/1024 sequences of 1024 (or one of N), ~10% masked out, beta=0.04\n--loss dpo: N tokens as 2B "
-                 "sequences of 1024 (or two of N/2), beta=0.1\n--loss logprobs: -mean log p(target) - 0.01 mean "
-                 "entropy over kept tokens")
+               + "".join(f"\n--loss {name}: {family.doc}\n"
+                         + "\n".join(f"  {k:27s}{m.doc}" for k, m in family.methods.items())
+                         for name, family in FAMILIES.items()))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--loss", default="ce", choices=tuple(LOSSES),
+    parser.add_argument("--loss", default="ce", choices=tuple(FAMILIES),
                         help="ce: cross-entropy (default); kd: knowledge distillation (forward KL by default); "
                              "grpo: GRPO (dapo) with a k3 KL term; dpo: DPO (sigmoid); logprobs: token log-probs "
                              "and entropy")
@@ -145,7 +141,7 @@ def with_tokens(shapes, tokens: str):
 
 
 def parse_methods(value, device, loss="ce"):
-    methods = LOSSES[loss]
+    methods = FAMILIES[loss].methods
     if value is None:
         return [name for name, m in methods.items() if device in m.default_on]
     names = list(methods) if value == "all" else [v for v in value.split(",") if v]
@@ -164,7 +160,7 @@ def main(argv=None):
     meta = _metadata(args)
     methods = []
     for name in args.methods:
-        reason = LOSSES[args.loss][name].unavailable(args.device)
+        reason = FAMILIES[args.loss].methods[name].unavailable(args.device)
         if reason:
             meta["skipped"][name] = reason
             print(f"skipping {name}: {reason}", file=sys.stderr, flush=True)
