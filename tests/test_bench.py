@@ -88,6 +88,17 @@ def test_references_measure_what_the_methods_compute(loss):
             torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6, msg=f"{loss} {name}")  # eager CE upcasts to fp32 only
 
 
+@pytest.mark.parametrize("loss", ["ce", "kd", "grpo", "dpo", "logprobs"])
+def test_extras_are_built_from_the_inputs_alone(loss):
+    """No cache between calls: a family's extra inputs are a seeded function of the inputs, equal on every call."""
+    from lce_compile.bench import measure
+    from lce_compile.bench.families import FAMILIES
+
+    inputs = measure.make_inputs(2048, 8, 50, torch.float32, torch.device("cpu"))
+    first, second = FAMILIES[loss].extras(*inputs), FAMILIES[loss].extras(*inputs)
+    assert list(first) == list(second) and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_cli_interleaved_mode(tmp_path):
     cmd = [sys.executable, "-m", "lce_compile.bench", "--interleaved", "2", "--shapes", "64,32,101", "--methods",
            "eager,fused"]
