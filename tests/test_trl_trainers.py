@@ -11,11 +11,7 @@ CPU, fp32, no downloads: the model is built by ``from_config`` and saved to a te
 their reference model from the policy's ``_name_or_path``), the tokenizer is a WordLevel one built in memory.
 """
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,8 +24,8 @@ import trl.trainer.utils as trl_utils  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
 from lce_compile.integrations import trl as lce_trl  # noqa: E402
+from test_examples import run_example  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 VOCAB = 384  # 4 special tokens and the words w0 .. w379
 WORDS = [f"w{i}" for i in range(VOCAB - 4)]
 # Wall-clock metrics differ between any two runs
@@ -196,15 +192,6 @@ def test_grpo_trainer_with_reference_model(model_dir, tmp_path):
     log = assert_runs_agree(make_trainer)
     assert {"loss", "reward", "kl", "entropy"} <= log[0].keys()
     assert max(entry.get("kl", 0) for entry in log) > 0 and log[0]["reward_std"] > 0  # not a trivial loss
-
-
-def run_example(name, *args):  # as in test_examples.py
-    # One torch thread: the scripts are small, and oversubscribed threads stall on shared CI cores.
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
-                            env=env, timeout=300)
-    assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
 
 
 def test_trl_grpo_example():
