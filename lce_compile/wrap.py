@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn import _reduction
 
-from . import checks, policy
+from . import checks, parallel, policy
 from .engine import Plan, fused_call
+from .losses.cross_entropy import linear_cross_entropy
 from .losses._rows import kept_row_weight, widen
 from .policy import DEFAULT_OPTIONS, FusedOptions
 
@@ -102,9 +103,13 @@ class FusedLoss:
         options = options or self.options or DEFAULT_OPTIONS
         if not isinstance(options, FusedOptions):
             raise TypeError(f"{self.name}: options must be FusedOptions, got {type(options).__name__}.")
-        checks.check_head(self.name, hidden, weight, bias)
-        form = _KNOWN.get(self.fn)
-        if form is not None and self.returns == "rows":
+        form = _KNOWN.get(self.fn) if self.returns == "rows" else None
+        if parallel.is_split(weight):
+            if form is None:
+                parallel.check_generic(self.name, weight)
+        else:
+            checks.check_head(self.name, hidden, weight, bias)
+        if form is not None:
             return form(self, hidden, weight, bias, row_inputs, kwargs, options)
         return self._generic(hidden, weight, bias, row_inputs, kwargs, options)
 
@@ -157,6 +162,12 @@ def _class_index_form(self, hidden, weight, bias, row_inputs, kwargs, options):
     reduction = args.get("reduction", "mean")
     if args.get("size_average") is not None or args.get("reduce") is not None:
         reduction = _reduction.legacy_get_string(args.get("size_average"), args.get("reduce"), emit_warning=False)
+    if parallel.is_split(weight):  # the vocabulary-parallel rows of the ready-made losses
+        if fn is F.cross_entropy:
+            return linear_cross_entropy(hidden, weight, targets, bias=bias, class_weight=class_weight,
+                                        ignore_index=ignore_index, label_smoothing=args.get("label_smoothing", 0.0),
+                                        reduction=reduction, options=options)
+        return _split_nll(self.name, hidden, weight, bias, targets, class_weight, ignore_index, reduction, options)
     vocab = weight.shape[0]
     checks.check_targets(self.name, targets, hidden, vocab, ignore_index, options.validate)
     targets = targets.long()
@@ -173,6 +184,30 @@ def _class_index_form(self, hidden, weight, bias, row_inputs, kwargs, options):
     tensors = {} if class_weight is None else {"weight": class_weight}
     plan = Plan(self.name, self.row_fn, "rows", reduction, static, options, tuple(tensors))
     return fused_call(plan, hidden, weight, bias, (targets,), tuple(tensors.values()), row_weight)
+
+
+def _nll_rows(logits, targets, *, class_weight=None, ignore_index=-100, vocab=parallel.LOCAL):
+    """F.nll_loss's rows (the logits read as log-probabilities), as a sum over a vocabulary that may be split."""
+    z = widen(logits)
+    loss = -vocab.sum(torch.where(vocab.columns(z) == targets.unsqueeze(-1), z, 0.0))
+    if class_weight is not None:
+        loss = loss * class_weight.to(z.dtype).gather(0, targets.clamp(0, class_weight.shape[0] - 1))
+    return torch.where(targets != ignore_index, loss, 0.0)
+
+
+def _split_nll(name, hidden, weight, bias, targets, class_weight, ignore_index, reduction, options):
+    hidden, weight, bias, (targets, class_weight), vocab, finish = parallel.localize(
+        name, hidden, weight, bias, targets, class_weight)
+    checks.check_head(name, hidden, weight, bias)
+    checks.check_targets(name, targets, hidden, vocab.total(weight), ignore_index, options.validate)
+    targets = targets.long()
+    checks.check_class_weight(name, "weight", class_weight, hidden, vocab.total(weight))
+    checks.check_reduction(name, reduction)
+    row_weight = kept_row_weight(targets, ignore_index, class_weight) if reduction == "mean" else None
+    tensors = {} if class_weight is None else {"class_weight": class_weight}
+    plan = Plan(name, _nll_rows, "rows", reduction, {"ignore_index": ignore_index, "vocab": vocab}, options,
+                tuple(tensors))
+    return finish(fused_call(plan, hidden, weight, bias, (targets,), tuple(tensors.values()), row_weight))
 
 
 _KNOWN = {F.cross_entropy: _class_index_form, F.nll_loss: _class_index_form}

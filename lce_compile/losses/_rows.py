@@ -3,29 +3,36 @@ from __future__ import annotations
 
 import torch
 
+from ..parallel import LOCAL
+
 
 def widen(logits):
     """fp32 for 16-bit logits; fp32 and fp64 stay as they are."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def target_log_prob(z, targets):
+def target_log_prob(z, targets, vocab=LOCAL):
     """(log softmax(z)[target], logsumexp(z)) per row of fp32 logits ``z`` (C, V).
 
     The target logit is a masked sum rather than a gather: it fuses into the same pass over the vocabulary as
-    the logsumexp, and its gradient is elementwise (a gather's is a scatter into a (C, V) buffer).
+    the logsumexp, and its gradient is elementwise (a gather's is a scatter into a (C, V) buffer); on a
+    vocabulary shard it is 0 off the shard, so the same sum over ranks picks it.
     Out-of-range targets (unchecked, ``validate=False``, or ignored rows) give NaN, never a plausible number.
     """
-    lse = torch.logsumexp(z, dim=-1)
-    columns = torch.arange(z.shape[-1], device=z.device)
-    picked = torch.where(columns == targets.unsqueeze(-1), z, 0.0).sum(-1)
-    in_range = (targets >= 0) & (targets < z.shape[-1])
+    lse = vocab.logsumexp(z)
+    picked = vocab.sum(torch.where(vocab.columns(z) == targets.unsqueeze(-1), z, 0.0))
+    in_range = (targets >= 0) & (targets < vocab.size(z))
     return torch.where(in_range, picked - lse, float("nan")), lse
 
 
-def entropy(z, lse):
-    """Entropy of softmax(z) per row, ``lse - sum(p z)``: no (C, V) log-probability tensor is formed."""
-    return lse - (torch.exp(z - lse.unsqueeze(-1)) * z).sum(-1)
+def entropy(z, lse, vocab=LOCAL):
+    """Entropy of softmax(z) per row, ``lse - sum(p z)``: no (C, V) log-probability tensor is formed.
+
+    ``p z`` is summed as ``exp(z - c) z`` with ``c`` the detached ``lse`` (and ``exp(c - lse) = 1`` outside
+    carrying its gradient), so that the sum depends on the logits alone, as ``Vocab.sum`` on a shard needs.
+    """
+    c = lse.detach()
+    return lse - vocab.sum(torch.exp(z - c.unsqueeze(-1)) * z) * torch.exp(c - lse)
 
 
 def kept_row_weight(targets, ignore_index: int, class_weight=None) -> torch.Tensor:
@@ -34,7 +41,9 @@ def kept_row_weight(targets, ignore_index: int, class_weight=None) -> torch.Tens
     if class_weight is None:
         return kept.float()
     class_weight = class_weight.to(torch.promote_types(class_weight.dtype, torch.float32))
-    picked = class_weight.gather(0, torch.where(kept, targets, 0).reshape(-1)).reshape(targets.shape)
+    # clamped: an unchecked out-of-range target makes the loss NaN, not this gather fail
+    index = torch.where(kept, targets, 0).clamp(0, class_weight.shape[0] - 1)
+    picked = class_weight.gather(0, index.reshape(-1)).reshape(targets.shape)
     return picked * kept
 
 

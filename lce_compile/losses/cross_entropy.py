@@ -4,13 +4,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import checks
+from .. import checks, parallel
 from ..engine import Plan, fused_call
 from ..policy import DEFAULT_OPTIONS, FusedOptions
 from ._aux import AuxOutput, AuxRequest, aux_keys as requested_aux
+from ..parallel import LOCAL
 from ._rows import kept_row_weight, target_log_prob, widen
 
 _NAME = "linear_cross_entropy"
@@ -18,32 +18,36 @@ _AUX = ("loss", "lse", "correct")  # the AuxRequest fields cross-entropy gives
 
 
 def _ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoothing=0.0, logit_scale=1.0,
-             softcap=None, z_loss=0.0, aux_keys=()):
-    """One chunk: logits (C, V) -> per-row loss (C,) in fp32, plus requested aux. Ignored rows give 0."""
+             softcap=None, z_loss=0.0, aux_keys=(), vocab=LOCAL):
+    """One chunk: logits (C, V) -> per-row loss (C,) in fp32, plus requested aux. Ignored rows give 0.
+
+    F.cross_entropy's per-row loss, written as sums over the vocabulary (so that a vocabulary shard's rows
+    compute it too): ``(1 - eps) * w[t] * (lse - z[t]) + eps / V * sum_v w[v] * (lse - z[v])``.
+    """
     z = widen(logits)
     if logit_scale != 1.0:
         z = z * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     kept = targets != ignore_index
-    lse = None
-    if class_weight is None and not label_smoothing:
-        # one logsumexp, which z-loss and the lse statistic share
-        logp, lse = target_log_prob(z, targets)
-        loss = torch.where(kept, -logp, 0.0)
-    else:
-        weight = None if class_weight is None else class_weight.to(z.dtype)  # F.cross_entropy wants one dtype
-        loss = F.cross_entropy(z, targets, weight=weight, ignore_index=ignore_index, reduction="none",
-                               label_smoothing=label_smoothing)
-    if lse is None and (z_loss or "lse" in aux_keys):
-        lse = torch.logsumexp(z, dim=-1)
+    logp, lse = target_log_prob(z, targets, vocab)  # NaN where out of range, ignored rows included
+    loss = -logp
+    if class_weight is not None:  # the full (V,) weights on every rank
+        loss = loss * class_weight.to(z.dtype).gather(0, targets.clamp(0, class_weight.shape[0] - 1))
+    if label_smoothing:
+        if class_weight is None:
+            smooth = lse * vocab.size(z) - vocab.sum(z)
+        else:
+            smooth = lse * class_weight.to(z.dtype).sum() - vocab.sum(vocab.local(class_weight).to(z.dtype) * z)
+        loss = (1 - label_smoothing) * loss + label_smoothing / vocab.size(z) * smooth
+    loss = torch.where(kept, loss, 0.0)
     if z_loss:
         loss = loss + z_loss * lse.square() * kept
     if not aux_keys:
         return loss
     stats = {"loss": loss, "lse": lse}
     if "correct" in aux_keys:
-        stats["correct"] = (z.argmax(dim=-1) == targets) & kept
+        stats["correct"] = (vocab.argmax(z) == targets) & kept
     return loss, tuple(stats[key].detach() for key in aux_keys)
 
 
@@ -89,25 +93,26 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
         inside ``torch.compile`` or with ``FusedOptions(validate=False)`` they are not.
     """
     options = options or DEFAULT_OPTIONS
+    hidden, weight, bias, (targets, class_weight), vocab, finish = parallel.localize(
+        _NAME, hidden, weight, bias, targets, class_weight)
     checks.check_head(_NAME, hidden, weight, bias)
-    vocab = weight.shape[0]
-    checks.check_targets(_NAME, targets, hidden, vocab, ignore_index, options.validate)
+    size = vocab.total(weight)
+    checks.check_targets(_NAME, targets, hidden, size, ignore_index, options.validate)
     targets = targets.long()
-    checks.check_class_weight(_NAME, "class_weight", class_weight, hidden, vocab)
+    checks.check_class_weight(_NAME, "class_weight", class_weight, hidden, size)
     checks.check_reduction(_NAME, reduction)
     _check_options(label_smoothing, logit_scale, softcap, z_loss, return_aux)
     aux_keys = requested_aux(_NAME, return_aux, _AUX)
     static = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "logit_scale": logit_scale,
-              "softcap": softcap,
-              "z_loss": z_loss, "aux_keys": aux_keys}
+              "softcap": softcap, "z_loss": z_loss, "aux_keys": aux_keys, "vocab": vocab}
     tensors = {} if class_weight is None else {"class_weight": class_weight}
     plan = Plan(_NAME, _ce_rows, "rows", reduction, static, options, tuple(tensors), aux_keys=aux_keys)
     row_weight = kept_row_weight(targets, ignore_index, class_weight) if reduction == "mean" else None
     out = fused_call(plan, hidden, weight, bias, (targets,), tuple(tensors.values()), row_weight)
     if return_aux is None:
-        return out
+        return finish(out)
     loss, aux = out if aux_keys else (out, ())
-    return loss, AuxOutput(**dict(zip(aux_keys, aux)))
+    return finish((loss, AuxOutput(**dict(zip(aux_keys, aux)))))
 
 
 def _check_options(label_smoothing, logit_scale, softcap, z_loss, return_aux):

@@ -7,8 +7,9 @@ import warnings
 import torch
 from torch import nn
 
-from .. import checks, policy
+from .. import checks, parallel, policy
 from ..engine import Head, Plan, fused_call
+from ..parallel import LOCAL
 from ..policy import DEFAULT_OPTIONS, FusedOptions
 from ._rows import target_log_prob, widen
 
@@ -28,35 +29,37 @@ class _SoftLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(s, t, kind, beta):
+    def forward(s, t, kind, beta, vocab):
+        # the sums over the vocabulary are vocab's (all-reduced on a shard); the backward below is local given
+        # the rows' log-sum-exps and divergences, so they need no gradient
         if kind == "jsd":
-            lse_s, lse_t = torch.logsumexp(s, -1, keepdim=True), torch.logsumexp(t, -1, keepdim=True)
+            lse_s, lse_t = vocab.logsumexp(s).unsqueeze(-1), vocab.logsumexp(t).unsqueeze(-1)
             log_s, log_t = s - lse_s, t - lse_t
             if policy.recomputes_shared_values(s.device):
                 # fewer transcendentals (measured 1.08x compile's time on an H200 against 1.15x for the forms
                 # below); where p = 0 the term is 0 (m may be 0 there too)
                 p_s, p_t = log_s.exp(), log_t.exp()
                 log_m = torch.log(beta * p_t + (1 - beta) * p_s)
-                row = torch.where(p_s > 0, p_s * (log_s - log_m), 0.0).sum(-1)
-                to_teacher = torch.where(p_t > 0, p_t * (log_t - log_m), 0.0).sum(-1)
+                row = vocab.sum(torch.where(p_s > 0, p_s * (log_s - log_m), 0.0))
+                to_teacher = vocab.sum(torch.where(p_t > 0, p_t * (log_t - log_m), 0.0))
                 return beta * to_teacher + (1 - beta) * row, lse_s, lse_t, row
-            row = (log_s.exp() * (log_s - _log_mixture(log_s, log_t, beta, form=0))).sum(-1)  # KL(p_s || m)
-            to_teacher = (log_t.exp() * (log_t - _log_mixture(log_s, log_t, beta, form=1))).sum(-1)  # KL(p_t || m)
+            row = vocab.sum(log_s.exp() * (log_s - _log_mixture(log_s, log_t, beta, form=0)))  # KL(p_s || m)
+            to_teacher = vocab.sum(log_t.exp() * (log_t - _log_mixture(log_s, log_t, beta, form=1)))  # KL(p_t || m)
             value = beta * to_teacher + (1 - beta) * row
             return value, lse_s, lse_t, row
         a, b = (t, s) if kind == "forward_kl" else (s, t)  # KL(p_a || p_b)
-        lse_a, lse_b = torch.logsumexp(a, -1, keepdim=True), torch.logsumexp(b, -1, keepdim=True)
-        max_a = a.amax(-1, keepdim=True)
+        lse_a, lse_b = vocab.logsumexp(a).unsqueeze(-1), vocab.logsumexp(b).unsqueeze(-1)
+        max_a = vocab.max(a).unsqueeze(-1)
         # E_p[a - b] = sum(exp(a - max a) (a - b)) / sum(exp(a - max a)); exp2, not the logsumexp's exp, which
         # Inductor would store to share between the two sums
-        weighted = (torch.exp2((a - max_a) * _LOG2E) * (a - b)).sum(-1, keepdim=True)
+        weighted = vocab.sum(torch.exp2((a - max_a) * _LOG2E) * (a - b)).unsqueeze(-1)
         value = (weighted * torch.exp(max_a - lse_a) - lse_a + lse_b).squeeze(-1)
         lse_s, lse_t = (lse_b, lse_a) if kind == "forward_kl" else (lse_a, lse_b)
         return value, lse_s, lse_t, value.clone()  # a distinct output (torch.compile cannot return one twice)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        s, t, kind, beta = inputs
+        s, t, kind, beta, _ = inputs
         _, lse_s, lse_t, row = output
         ctx.kind, ctx.beta = kind, beta
         ctx.mark_non_differentiable(lse_s, lse_t, row)
@@ -77,7 +80,7 @@ class _SoftLoss(torch.autograd.Function):
             else:
                 log_m = _log_mixture(log_s, log_t, ctx.beta, form=2)
             grad_s = (1 - ctx.beta) * p_s * (log_s - log_m - row.unsqueeze(-1))
-        return grad.unsqueeze(-1) * grad_s, None, None, None
+        return grad.unsqueeze(-1) * grad_s, None, None, None, None
 
 
 def _log_mixture(log_s, log_t, beta, form):
@@ -94,15 +97,15 @@ def _log_mixture(log_s, log_t, beta, form):
 
 
 def _kd_rows(logits, teacher_logits, targets=None, *, kind="forward_kl", beta=0.5, temperature=1.0,
-             temperature_squared=False, ignore_index=-100, hard_weight=0.0):
+             temperature_squared=False, ignore_index=-100, hard_weight=0.0, vocab=LOCAL):
     """One chunk: student and teacher logits (C, V) -> per-row loss (C,) in fp32; ignored rows give 0."""
     student = widen(logits)
-    soft = _SoftLoss.apply(student / temperature, widen(teacher_logits) / temperature, kind, beta)[0]
+    soft = _SoftLoss.apply(student / temperature, widen(teacher_logits) / temperature, kind, beta, vocab)[0]
     if temperature_squared:
         soft = soft * temperature ** 2
     loss = soft
     if hard_weight:
-        hard = -target_log_prob(student, targets)[0]
+        hard = -target_log_prob(student, targets, vocab)[0]
         loss = (1 - hard_weight) * soft + hard_weight * hard
     if targets is None:
         return loss
@@ -165,24 +168,26 @@ def linear_kd_loss(hidden=None, weight=None, teacher_hidden=None, teacher_weight
     """
     options = options or DEFAULT_OPTIONS
     hidden, weight, bias = _renamed(hidden, weight, bias, deprecated)
+    hidden, weight, bias, (teacher_hidden, targets), vocab, finish = parallel.localize(
+        _NAME, hidden, weight, bias, teacher_hidden, targets)
+    teacher_weight, teacher_bias = parallel.localize_like(_NAME, vocab, teacher_weight, teacher_bias, "teacher_")
     checks.check_head(_NAME, hidden, weight, bias)
     checks.check_head(_NAME, teacher_hidden, teacher_weight, teacher_bias, prefix="teacher_")
     checks.check_teacher(_NAME, hidden, weight, teacher_hidden, teacher_weight)
     checks.check_reduction(_NAME, reduction)
     _check_options(kind, beta, temperature, hard_weight, targets)
-    vocab = weight.shape[0]
     row_inputs = (Head(teacher_hidden, teacher_weight, teacher_bias),)
     row_weight = None
     if targets is not None:
-        checks.check_targets(_NAME, targets, hidden, vocab, ignore_index, options.validate)
+        checks.check_targets(_NAME, targets, hidden, vocab.total(weight), ignore_index, options.validate)
         targets = targets.long()
         row_inputs += (targets,)
         row_weight = (targets != ignore_index).float()
     static = {"kind": kind, "beta": beta, "temperature": temperature, "temperature_squared": temperature_squared,
-              "ignore_index": ignore_index, "hard_weight": hard_weight}
+              "ignore_index": ignore_index, "hard_weight": hard_weight, "vocab": vocab}
     plan = Plan(_NAME, _kd_rows, "rows", reduction, static, options)
-    return fused_call(plan, hidden, weight, bias, row_inputs,
-                      row_weight=row_weight if reduction == "mean" else None)
+    return finish(fused_call(plan, hidden, weight, bias, row_inputs,
+                             row_weight=row_weight if reduction == "mean" else None))
 
 
 _OLD_NAMES = {"student_hidden": "hidden", "student_weight": "weight", "student_bias": "bias"}

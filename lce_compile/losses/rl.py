@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import checks
+from .. import checks, parallel
 from ..engine import Plan, accumulation_dtype, fused_call
+from ..parallel import LOCAL
 from ..policy import DEFAULT_OPTIONS, FusedOptions
 from ._aux import AuxOutput, AuxRequest, aux_keys, stats_request
 from ._rows import clipped_surrogate, clipped_tokens, k3_kl, target_log_prob, widen
@@ -22,7 +23,7 @@ _LOGPROB_AUX = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # the 
 
 
 def _logprob_rows(logits, token_ids, *, temperature=1.0, logit_scale=1.0, softcap=None, entropy=False,
-                  aux_keys=()):
+                  aux_keys=(), vocab=LOCAL):
     """One chunk: log p(token), (C,), or (C, 2) with the row's entropy too, under softmax(z) for
     z = softcap(logits * logit_scale) / temperature; plus the requested detached statistics of z."""
     z = widen(logits)
@@ -31,22 +32,22 @@ def _logprob_rows(logits, token_ids, *, temperature=1.0, logit_scale=1.0, softca
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     z = z / temperature
-    logp, lse = target_log_prob(z, token_ids)
-    value = torch.stack((logp, row_entropy(z, lse)), dim=-1) if entropy else logp
+    logp, lse = target_log_prob(z, token_ids, vocab)
+    value = torch.stack((logp, row_entropy(z, lse, vocab)), dim=-1) if entropy else logp
     if not aux_keys:
         return value
-    stats = {"log_sum_sq_probs": lambda: torch.logsumexp(2 * z, dim=-1) - 2 * lse,  # log sum_v p_v^2
-             "mean_logits": lambda: z.mean(-1),
-             "is_top1": lambda: z.argmax(dim=-1) == token_ids}  # argmax takes the first of tied maxima
+    stats = {"log_sum_sq_probs": lambda: vocab.logsumexp(2 * z) - 2 * lse,  # log sum_v p_v^2
+             "mean_logits": lambda: vocab.sum(z) / vocab.size(z),
+             "is_top1": lambda: vocab.argmax(z) == token_ids}  # argmax takes the first of tied maxima
     return value, tuple(stats[key]().detach() for key in aux_keys)
 
 
 def _grpo_rows(logits, token_ids, row_weight, advantages, old=None, ref=None, *, temperature=1.0, beta=0.0,
-               epsilon_low=0.2, epsilon_high=0.2, stats=False):
+               epsilon_low=0.2, epsilon_high=0.2, stats=False, vocab=LOCAL):
     """One chunk of token-level GRPO: each row's weighted loss (C,), so that the engine differentiates the
     chunk in the forward pass (three matmuls). ``row_weight`` holds the mask and the loss type's denominator."""
     z = widen(logits) / temperature
-    logp, lse = target_log_prob(z, token_ids)
+    logp, lse = target_log_prob(z, token_ids, vocab)
     ratio = torch.exp(logp - (logp.detach() if old is None else old))
     loss = clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high)
     kl = None if ref is None else k3_kl(ref, logp)
@@ -56,7 +57,7 @@ def _grpo_rows(logits, token_ids, row_weight, advantages, old=None, ref=None, *,
     if not stats:
         return value
     clipped = clipped_tokens(ratio, advantages, epsilon_low, epsilon_high)
-    aux = (clipped.float(), row_entropy(z, lse)) + (() if kl is None else (kl,))
+    aux = (clipped.float(), row_entropy(z, lse, vocab)) + (() if kl is None else (kl,))
     return value, tuple(a.detach() for a in aux)
 
 
@@ -97,13 +98,21 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature: 
     Memory: the gradients plus one ``(C, V)`` chunk; never ``(N, V)``.
     """
     name = "linear_token_logprobs"
-    options = _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options)
+    hidden, weight, bias, (token_ids,), vocab, finish = parallel.localize(name, hidden, weight, bias, token_ids)
+    return finish(_token_logprobs(hidden, weight, token_ids, bias, temperature, softcap, logit_scale, return_entropy,
+                                  return_aux, options, vocab, name))
+
+
+def _token_logprobs(hidden, weight, token_ids, bias, temperature, softcap, logit_scale, return_entropy, return_aux,
+                    options, vocab, name):
+    """linear_token_logprobs on this rank's tensors (see parallel.localize)."""
+    options = _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options, vocab)
     _check_transform(name, softcap, logit_scale)
     requested = aux_keys(name, return_aux, _LOGPROB_AUX)
     with_entropy = return_entropy or "entropy" in requested
     detached = tuple(key for key in requested if key != "entropy")
     static = {"temperature": temperature, "logit_scale": logit_scale, "softcap": softcap, "entropy": with_entropy,
-              "aux_keys": detached}
+              "aux_keys": detached, "vocab": vocab}
     plan = Plan(name, _logprob_rows, "rows", "none", static, options, row_shape=(2,) if with_entropy else (),
                 aux_keys=detached)
     out = fused_call(plan, hidden, weight, bias, (token_ids.long(),))
@@ -169,6 +178,9 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
     (three matmuls). Sequence-level ratios go through :func:`linear_token_logprobs` (four).
     """
     name = "linear_grpo_loss"
+    hidden, weight, bias, (token_ids, completion_mask, advantages, old_logprobs, ref_logprobs), vocab, finish = (
+        parallel.localize(name, hidden, weight, bias, token_ids, completion_mask, advantages, old_logprobs,
+                          ref_logprobs))
     legacy = return_stats
     return_stats = bool(aux_keys(name, stats_request(name, return_stats, return_aux), ("stats",)))
     b, t = _check_sequences(name, hidden, token_ids, completion_mask)
@@ -177,12 +189,12 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
     if importance_sampling_level == "token":
         out = _token_level_grpo(hidden, weight, token_ids, completion_mask, advantages, old_logprobs, ref_logprobs,
                                 beta, epsilon_low, epsilon_high, loss_type, temperature, max_completion_length,
-                                return_stats, bias, options)
-        return _with_stats(out, return_stats, legacy, return_aux)
+                                return_stats, bias, options, vocab)
+        return finish(_with_stats(out, return_stats, legacy, return_aux))
     # sequence level: a token's ratio depends on its whole sequence, which chunks may split. The loss is then
     # plain PyTorch over the fused log-probabilities (whose chunks are recomputed in backward).
-    out = linear_token_logprobs(hidden, weight, token_ids, temperature=temperature, return_entropy=return_stats,
-                                bias=bias, options=options)
+    out = _token_logprobs(hidden, weight, token_ids, bias, temperature, None, 1.0, return_stats, None, options,
+                          vocab, name)
     logp, token_entropy = out if return_stats else (out, None)
     mask = completion_mask.to(logp.dtype)
     old = logp.detach() if old_logprobs is None else old_logprobs.to(logp.dtype)
@@ -196,11 +208,11 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
         per_token = per_token + beta * kl
     loss = (per_token * mask * _grpo_row_weight(mask, loss_type, max_completion_length)).sum()
     if not return_stats:
-        return _with_stats(loss, return_stats, legacy, return_aux)
+        return finish(_with_stats(loss, return_stats, legacy, return_aux))
     with torch.no_grad():
         clipped = clipped_tokens(ratio, adv, epsilon_low, epsilon_high)
         stats = _grpo_stats(mask, clipped.expand_as(mask).float(), token_entropy, kl)
-    return _with_stats((loss, stats), return_stats, legacy, return_aux)
+    return finish(_with_stats((loss, stats), return_stats, legacy, return_aux))
 
 
 def _with_stats(out, return_stats, legacy, return_aux):
@@ -231,9 +243,9 @@ def _grpo_stats(mask, clipped, entropy, kl):
 
 def _token_level_grpo(hidden, weight, token_ids, completion_mask, advantages, old_logprobs, ref_logprobs, beta,
                       epsilon_low, epsilon_high, loss_type, temperature, max_completion_length, return_stats, bias,
-                      options):
+                      options, vocab):
     name = "linear_grpo_loss"
-    options = _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options)
+    options = _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options, vocab)
     wide = accumulation_dtype(hidden)  # the rows' dtype: fp32, fp64 inputs stay fp64
     mask = completion_mask.to(wide)
     row_weight = _grpo_row_weight(mask, loss_type, max_completion_length)
@@ -241,7 +253,7 @@ def _token_level_grpo(hidden, weight, token_ids, completion_mask, advantages, ol
     keys = tuple(k for k, v in (("old", old_logprobs), ("ref", ref_logprobs)) if v is not None)
     rows += tuple(v.to(wide) for v in (old_logprobs, ref_logprobs) if v is not None)
     static = {"temperature": temperature, "beta": beta, "epsilon_low": epsilon_low, "epsilon_high": epsilon_high,
-              "stats": return_stats}
+              "stats": return_stats, "vocab": vocab}
     aux_keys = ("clipped", "entropy") + (("kl",) if ref_logprobs is not None else ()) if return_stats else ()
     plan = Plan(name, _grpo_rows, "rows", "sum", static, options, row_keys=keys, aux_keys=aux_keys)
     out = fused_call(plan, hidden, weight, bias, rows)
@@ -284,6 +296,8 @@ def linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, *,
         the loss, or ``(loss, AuxOutput)``.
     """
     name = "linear_dpo_loss"
+    hidden, weight, bias, (token_ids, completion_mask, ref_logprobs), vocab, finish = parallel.localize(
+        name, hidden, weight, bias, token_ids, completion_mask, ref_logprobs)
     legacy = return_stats
     return_stats = bool(aux_keys(name, stats_request(name, return_stats, return_aux), ("stats",)))
     n, t = _check_sequences(name, hidden, token_ids, completion_mask)
@@ -294,7 +308,7 @@ def linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, *,
     if not isinstance(ref_logprobs, torch.Tensor) or tuple(ref_logprobs.shape) not in ((n,), (n, t)):
         got = tuple(ref_logprobs.shape) if isinstance(ref_logprobs, torch.Tensor) else type(ref_logprobs).__name__
         raise ValueError(f"{name}: ref_logprobs must have shape (2B,) = ({n},) or (2B, T) = ({n}, {t}), got {got}.")
-    logp = linear_token_logprobs(hidden, weight, token_ids, temperature=temperature, bias=bias, options=options)
+    logp = _token_logprobs(hidden, weight, token_ids, bias, temperature, None, 1.0, False, None, options, vocab, name)
     mask = completion_mask.to(logp.dtype)
     seq = (logp * mask).sum(-1)
     ref = ref_logprobs.to(logp.dtype)
@@ -305,17 +319,17 @@ def linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, *,
     loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     loss = loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
     if not return_stats:
-        return _with_stats(loss, return_stats, legacy, return_aux)
+        return finish(_with_stats(loss, return_stats, legacy, return_aux))
     stats = {"chosen_rewards": chosen.detach(), "rejected_rewards": rejected.detach(),
              "reward_accuracy": (chosen > rejected).float().mean().detach()}
-    return _with_stats((loss, stats), return_stats, legacy, return_aux)
+    return finish(_with_stats((loss, stats), return_stats, legacy, return_aux))
 
 
-def _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options) -> FusedOptions:
+def _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options, vocab) -> FusedOptions:
     """The head, token ids in [0, V) and the temperature; returns the options to use."""
     options = options or DEFAULT_OPTIONS
     checks.check_head(name, hidden, weight, bias)
-    checks.check_targets(name, token_ids, hidden, weight.shape[0], None, options.validate, arg="token_ids")
+    checks.check_targets(name, token_ids, hidden, vocab.total(weight), None, options.validate, arg="token_ids")
     _check_temperature(name, temperature)
     return options
 
