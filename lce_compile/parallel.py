@@ -100,9 +100,15 @@ class _Shard(Vocab):
         return per_class[self.start: self.start + self.rows]
 
 
-@functools.cache
 def _shard(start, rows, vocab_size, group) -> _Shard:
-    # one object per shard, so that compiled chunk steps see the same constant on every call
+    if torch.compiler.is_compiling():  # a constant of the user's graph
+        return _Shard(start, rows, vocab_size, group)
+    return _cached_shard(start, rows, vocab_size, group)
+
+
+@functools.cache
+def _cached_shard(start, rows, vocab_size, group) -> _Shard:
+    # one object per shard, so that our compiled chunk steps see the same constant on every call
     return _Shard(start, rows, vocab_size, group)
 
 
