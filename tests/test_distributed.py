@@ -367,3 +367,13 @@ def _fsdp_transformers(rank):
 def test_fsdp2_transformers_patch_equals_one_process():
     pytest.importorskip("transformers")
     _spawn(_fsdp_transformers)
+
+
+def test_tp_benchmark_runs_and_agrees(tmp_path):
+    """python -m lce_compile.bench.tp on a tiny shape: every method runs and is as accurate as loss_parallel()."""
+    from lce_compile.bench import tp
+    report = tp.main(["--shape", "64,16,96", "--repeat", "1", "--warmup", "0", "--json", str(tmp_path / "tp.json")])
+    rows = report["results"]
+    assert set(rows) == set(tp.METHODS) and not any("error" in row for row in rows.values()), rows
+    for key in ("err_loss", "err_grad_h", "err_grad_w"):
+        assert rows["fused"][key] <= 2 * rows["loss_parallel"][key] + 1e-6, (key, rows)

@@ -70,7 +70,8 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
 
     Args:
         hidden (Tensor): ``(..., D)`` final hidden states; fp32, bf16 or fp16.
-        weight (Tensor): ``(V, D)`` output layer, e.g. ``model.lm_head.weight``.
+        weight (Tensor): ``(V, D)`` output layer, e.g. ``model.lm_head.weight``; or split over the vocabulary across ranks (a ``Shard(0)`` DTensor
+            beside a DTensor ``hidden``, or a ``VocabShard``: docs/distributed.md).
         targets (Tensor): ``(...)`` integer class indices in ``[0, V)`` or ``ignore_index``.
         bias (Tensor, optional): ``(V,)`` output-layer bias.
         class_weight (Tensor, optional): ``(V,)`` per-class weights, as ``F.cross_entropy``'s ``weight``.

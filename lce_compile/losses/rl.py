@@ -80,7 +80,8 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature: 
 
     Args:
         hidden (Tensor): ``(..., D)`` final hidden states.
-        weight (Tensor): ``(V, D)`` output layer.
+        weight (Tensor): ``(V, D)`` output layer; or split over the vocabulary across ranks (a ``Shard(0)`` DTensor
+            beside a DTensor ``hidden``, or a ``VocabShard``: docs/distributed.md).
         token_ids (Tensor): ``(...)`` integer ids in ``[0, V)``, hidden's leading shape.
         temperature (float): divides the logits (sampling temperature), last. Default: 1.
         softcap (float, optional): Gemma's ``softcap * tanh(logits / softcap)``, after ``logit_scale``.
@@ -151,7 +152,8 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
 
     Args:
         hidden (Tensor): ``(B, T, D)`` hidden states of the completion tokens' positions.
-        weight (Tensor): ``(V, D)`` output layer.
+        weight (Tensor): ``(V, D)`` output layer; or split over the vocabulary across ranks (a ``Shard(0)`` DTensor
+            beside a DTensor ``hidden``, or a ``VocabShard``: docs/distributed.md).
         token_ids (Tensor): ``(B, T)`` the sampled completion tokens.
         completion_mask (Tensor): ``(B, T)`` bool or 0/1: which tokens count. Empty sequences contribute 0.
         advantages (Tensor): ``(B,)`` one advantage per sequence.
