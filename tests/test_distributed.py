@@ -377,3 +377,11 @@ def test_tp_benchmark_runs_and_agrees(tmp_path):
     assert set(rows) == set(tp.METHODS) and not any("error" in row for row in rows.values()), rows
     for key in ("err_loss", "err_grad_h", "err_grad_w"):
         assert rows["fused"][key] <= 2 * rows["loss_parallel"][key] + 1e-6, (key, rows)
+
+
+def test_fsdp_step_benchmark_runs_and_matches_one_process():
+    """python -m lce_compile.bench.fsdp_step on a tiny Llama: patched FSDP2 gradients equal one process's."""
+    pytest.importorskip("transformers")
+    from lce_compile.bench import fsdp_step
+    rows = fsdp_step.main(["--tokens", "16", "--batch", "2", "--repeat", "1", "--warmup", "0"])["results"]
+    assert rows["patched"]["grad_rel_err_max"] < 1e-5, rows
