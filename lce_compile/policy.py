@@ -22,6 +22,8 @@ __all__ = ["FusedOptions"]
 # gradients. 0.5 keeps the H200 benchmark heads within 1.5x while chunks stay large (1024-2048 rows) enough
 # for full-speed matmuls and few passes over the weight gradient.
 _CHUNK_MEMORY = 0.5
+# The default's cap on one chunk's logits (a huge head's half would be several GiB); a chunk_memory the user
+# gives is taken as is, up to one chunk of every token, the fast end (docs/benchmarks.md: the time-memory curve).
 _MAX_CHUNK_BYTES = 1 << 30
 # Compiled by default: CUDA always; the CPU from 2**26 logits per call, where fusing the chunk's
 # elementwise work pays for Inductor's C++ build (~12 s for the first call, once per loss and dtype); below
@@ -41,8 +43,11 @@ class FusedOptions:
         chunk_memory (float, optional): the memory knob. Bytes of one chunk's ``(chunk_size, V)`` logits
             buffer, as a fraction of the weight's bytes; the peak memory above the inputs is about
             ``(1 + chunk_memory)`` times the gradients. Smaller is leaner and slower: more chunks, each
-            one more pass over the weight gradient. Default: 0.5 on CUDA and MPS (at most 1 GiB); on
-            the CPU ``chunk_size`` is D / 4 rows (64 to 256), unless ``chunk_memory`` is given.
+            one more pass over the weight gradient; larger is faster up to one chunk of every token.
+            Any positive float: a value given is taken as is (no cap), and ``float("inf")`` puts every
+            token in one chunk (the unfused code's memory: the gradients plus the ``(N, V)`` logits).
+            Default: 0.5 on CUDA and MPS, at most 1 GiB of logits; on the CPU ``chunk_size`` is D / 4
+            rows (64 to 256), unless ``chunk_memory`` is given. docs/benchmarks.md measures the curve.
         compile (bool, optional): compile the chunk functions with ``torch.compile``. Default: on CUDA;
             on the CPU from 2**26 logits per call (N * V), where it is faster. ``compile=False`` keeps the
             chunking, for debugging.
@@ -68,9 +73,9 @@ class FusedOptions:
             raise ValueError(f"FusedOptions: chunk_size must be a positive int or None, got {size!r}.")
         memory = self.chunk_memory
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float))
-                                   or not 0 < memory <= 4):
-            raise ValueError(f"FusedOptions: chunk_memory must be a fraction of the weight's bytes in (0, 4] "
-                             f"or None, got {memory!r}.")
+                                   or not 0 < memory <= float("inf")):  # NaN fails too
+            raise ValueError(f"FusedOptions: chunk_memory must be a positive fraction of the weight's bytes "
+                             f"(float('inf'): one chunk) or None, got {memory!r}.")
         if self.compile not in (None, True, False):
             raise TypeError(f"FusedOptions: compile must be a bool or None, got {self.compile!r}.")
         if not isinstance(self.validate, bool):
@@ -120,6 +125,9 @@ def schedule(step: Callable, hidden: torch.Tensor, weight: torch.Tensor, options
     return Schedule(bounds, compiled, run, grad_weight_dtype(weight, options), hidden.device)
 
 
+_ONE_CHUNK = 1 << 40  # rows: more than any N, so one chunk holds every token
+
+
 def chunk_rows(weight: torch.Tensor, options: FusedOptions, buffers: int = 1) -> int:
     """Rows per chunk: fixed per weight (shape, dtype, device), never a function of the number of tokens.
 
@@ -132,9 +140,15 @@ def chunk_rows(weight: torch.Tensor, options: FusedOptions, buffers: int = 1) ->
         # D / 4 rows: the chunk's working set (1-2 fp32 (C, V) buffers and ~20 MiB) stays within half the
         # fp32 weight gradient (V * D * 4 bytes), and 128-256 rows keep CPU matmuls near their full speed.
         return max(16, min(256, max(64, weight.shape[1] // 4)) // buffers // 16 * 16)
-    memory = options.chunk_memory if options.chunk_memory is not None else _CHUNK_MEMORY
+    if options.chunk_memory == float("inf"):
+        return _ONE_CHUNK
     row_bytes = max(weight.shape[0], 1) * weight.element_size() * buffers
-    budget = min(memory * weight.numel() * weight.element_size(), _MAX_CHUNK_BYTES)
+    if options.chunk_memory is None:
+        budget = min(_CHUNK_MEMORY * weight.numel() * weight.element_size(), _MAX_CHUNK_BYTES)
+    else:  # the user's budget, uncapped
+        budget = options.chunk_memory * weight.numel() * weight.element_size()
+    if budget / row_bytes >= _ONE_CHUNK:  # more rows than any N: one chunk
+        return _ONE_CHUNK
     rows = int(budget // row_bytes)
     # whole matmul tiles where the budget allows (at least 16 rows)
     return rows // 128 * 128 if rows >= 256 else max(16, rows // 16 * 16)

@@ -4,6 +4,7 @@ Tiny shapes measure process noise, not memory or speed, so only the structure of
 accuracy of the fused method are checked; no timed or memory asserts.
 """
 import json
+import math
 import subprocess
 import sys
 
@@ -106,3 +107,91 @@ def test_cli_interleaved_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "64x32x101: fused / eager = " in proc.stdout and "median of 2 rounds" in proc.stdout
     assert not (tmp_path / "bench_results.json").exists()  # a timing mode: no result file
+
+
+def test_sweep_memory_budgets():
+    from lce_compile.bench import sweep
+
+    assert sweep.parse(None) == sweep.parse("default") == sweep.DEFAULT
+    assert sweep.DEFAULT[0] == 0.05 and sweep.DEFAULT[-1] == math.inf
+    assert sweep.parse("1,0.1,inf,0.1,one") == (0.1, 1.0, math.inf)
+    for bad in ("0", "-1", "x", ","):
+        with pytest.raises(ValueError, match="--sweep-memory"):
+            sweep.parse(bad)
+    # budgets that split the tokens alike are measured once, at the smallest; a teacher halves the chunks
+    assert sweep.points((64, 32, 101), "float32", 1, (0.25, 0.5, 1.0, math.inf)) == [
+        (0.25, 4, 16, [0.5]), (1.0, 2, 32, []), (math.inf, 1, 64, [])]
+    assert sweep.points((64, 32, 101), "bfloat16", 2, (1.0, 4.0)) == [(1.0, 4, 16, []), (4.0, 1, 64, [])]
+    assert sweep.points((8192, 4096, 128256), "bfloat16", 1, sweep.DEFAULT)[-1] == (2.0, 1, 8192, [4.0, math.inf])
+
+
+def test_sweep_reach():
+    """A peer point is reached by a budget of ours at no more time and no more memory."""
+    from lce_compile.bench import sweep
+
+    def rec(method, ms, mib, **kw):
+        return dict(shape="s", N=8, method=method, time_s=ms / 1e3, peak_bytes=mib << 20, floor_bytes=100 << 20, **kw)
+
+    results = [rec("liger", 55, 106), rec("compile", 39, 288), rec("fused", 72, 104, chunk_memory=0.05, chunks=43),
+               rec("fused", 54, 106, chunk_memory=0.075, chunks=32), rec("fused", 40, 288, chunk_memory="inf", chunks=1)]
+    found = {e["peer"]: e for e in sweep.reach(results)}
+    assert found["liger"]["reached"] and found["liger"]["by"]["chunk_memory"] == 0.075
+    compile_ = found["compile"]
+    assert not compile_["reached"] and compile_["fastest_within_memory"]["chunk_memory"] == "inf"
+    assert "leanest_within_time" not in compile_
+    lines = sweep.reach_lines(sweep.reach(results))
+    assert "liger 55.0 ms at 1.060x floor: reached by chunk_memory=0.075" in lines[0]
+    assert "compile 39.0 ms at 2.880x floor: NOT reached; within its memory ours is chunk_memory=inf" in lines[1]
+
+
+@pytest.mark.parametrize("loss", ["ce", "kd", "grpo", "dpo", "logprobs"])
+def test_swept_method_at_every_budget_matches_the_reference(loss):
+    """Each family's swept method computes its loss at any budget, one chunk (inf) included."""
+    from lce_compile.bench import measure
+    from lce_compile.bench.families import FAMILIES
+
+    family = FAMILIES[loss]
+    hidden, weight, targets = measure.make_inputs(48, 16, 67, torch.float64, torch.device("cpu"))
+    extras = family.extras(hidden, weight, targets)
+    swept = [name for name, m in family.methods.items() if m.make_at is not None]
+    assert "fused" in swept
+    gold = measure._reference(family.reference, hidden, weight, targets, extras, 48)
+    for memory in (0.5, math.inf):
+        got = measure._loss_and_grads(family.methods["fused"].make_at(memory), hidden, weight, targets, extras)
+        for g, r in zip(got, gold):
+            torch.testing.assert_close(g, r, msg=f"{loss} chunk_memory={memory}")
+
+
+def test_cli_sweep_memory(tmp_path):
+    """--sweep-memory: the fused method at each distinct budget in its own process, the peers once, the reach
+    summary in the JSON, and the time-memory plot."""
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    cmd = [sys.executable, "-m", "lce_compile.bench", "--shapes", "64,32,101", "--methods", "eager,fused",
+           "--sweep-memory", "0.25,0.5,inf", "--json", str(out), "--quiet", "--plot", str(png)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "fused @0.25 (4x16)" in proc.stdout and "fused @inf (1x64)" in proc.stdout
+    assert "64x32x101 N=64: eager" in proc.stdout  # the reach summary
+    data = json.loads(out.read_text())
+    assert data["meta"]["sweep_memory"] == [0.25, 0.5, "inf"]
+    points = [(r["method"], r.get("chunk_memory"), r.get("chunks")) for r in data["results"]]
+    assert points == [("eager", None, None), ("fused", 0.25, 4), ("fused", "inf", 1)]
+    for r in data["results"]:
+        assert "error" not in r, r["error"]
+        assert r["time_s"] > 0 and r["err_grad_weight"] < 1e-5
+    assert data["results"][1]["same_chunks_as"] == [0.5]  # 0.5 x D = 16 rows too: measured once
+    assert [e["peer"] for e in data["reach"]] == ["eager"]
+    pytest.importorskip("matplotlib")
+    assert png.stat().st_size > 0
+
+
+def test_sweep_default_methods():
+    """--sweep-memory without --methods: the peers and the swept method, not lce_compile's other settings."""
+    from lce_compile.bench.run import parse_args
+
+    args = parse_args(["--sweep-memory"])
+    assert args.methods == ["eager", "fused"] and args.sweep_memory[-1] == math.inf
+    args = parse_args(["--sweep-memory", "0.1,inf", "--loss", "kd", "--methods", "fused,fused_jsd"])
+    assert args.sweep_memory == (0.1, math.inf) and args.methods == ["fused", "fused_jsd"]
+    with pytest.raises(SystemExit):
+        parse_args(["--sweep-memory", "--interleaved", "2"])

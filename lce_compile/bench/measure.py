@@ -76,6 +76,16 @@ def _family(task):
     return FAMILIES[task.get("loss", "ce")]
 
 
+def _make(method, chunk_memory=None):
+    """The method's fn; at a memory budget (``--sweep-memory``) when ``chunk_memory`` is given."""
+    return method.make() if chunk_memory is None else method.make_at(chunk_memory)
+
+
+def point_key(name, chunk_memory=None) -> str:
+    """How a (method, budget) point is named in the errors' result: ``fused``, ``fused@0.25``, ``fused@inf``."""
+    return name if chunk_memory is None else f"{name}@{chunk_memory:g}"
+
+
 def _warm_up(fn, family, method, hidden, weight, targets, extras, full_runs):
     """Warm up tiny (code pages, lazy init), or full-size when the method compiles at its first full call."""
     if full_runs and (method.compiles or hidden.device.type == "cuda"):
@@ -103,7 +113,7 @@ def _cpu(task):
     family, _, hidden, weight, targets = _setup(task)
     extras = family.extras(hidden, weight, targets)  # before the peak's baseline: inputs, not the step's
     method = family.methods[task["method"]]
-    fn = method.make()
+    fn = _make(method, task.get("chunk_memory"))
     _warm_up(fn, family, method, hidden, weight, targets, extras, full_runs=task["warmup"])
     base = _proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -133,7 +143,7 @@ def _cuda(task):
     family, device, hidden, weight, targets = _setup(task)
     extras = family.extras(hidden, weight, targets)
     method = family.methods[task["method"]]
-    fn = method.make()
+    fn = _make(method, task.get("chunk_memory"))
     # no tiny warm-up: a compiled method would compile for it and again (with dynamic shapes) for N
     torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -185,16 +195,19 @@ def _errors(task):
     extras = family.extras(hidden, weight, targets)  # of the rows measured, shared by methods and references
     rows = REFERENCE_ROWS if family.chunkable_reference else hidden.shape[0]
     golds, out = {}, {}  # golds: reference fn -> (loss, grad_hidden, grad_weight)
-    for name in task["methods"]:
+    # (method, None) for each method, then (method, chunk_memory) for each point of a --sweep-memory
+    points = [(name, None) for name in task["methods"]] + [tuple(p) for p in task.get("points", ())]
+    for name, memory in points:
         reference = family.reference_of(name)
+        key = point_key(name, memory)
         try:
             if reference not in golds:
                 golds[reference] = _reference(reference, hidden, weight, targets, extras, rows)
-            got = _loss_and_grads(family.methods[name].make(), hidden, weight, targets, extras)
-            out[name] = {f"err_{key}": _relative_error(g, r) for key, g, r in zip(_KEYS, got, golds[reference])}
+            got = _loss_and_grads(_make(family.methods[name], memory), hidden, weight, targets, extras)
+            out[key] = {f"err_{k}": _relative_error(g, r) for k, g, r in zip(_KEYS, got, golds[reference])}
             del got
         except Exception as exc:  # one failing method keeps the others' errors
-            out[name] = {"error": describe(exc)}
+            out[key] = {"error": describe(exc)}
     return {"errors": out}
 
 

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from . import measure, report
+from . import measure, report, sweep
 from .families import FAMILIES
 
 # name -> (N tokens, D hidden, V vocab)
@@ -87,6 +87,13 @@ def parse_args(argv=None):
                         help="instead: time the methods side by side in one process, ROUNDS rounds of one step "
                              "each, and print each method's median time ratio to the first method's")
     parser.add_argument("--forward", action="store_true", help="with --interleaved: time the forward pass alone")
+    parser.add_argument("--sweep-memory", nargs="?", const="default", metavar="LIST",
+                        help="the time-memory curve: measure the fused method at each chunk_memory of LIST "
+                             "(comma-separated fractions of the weight's bytes, 'inf' = every token in one chunk; "
+                             "default " + ",".join(map(sweep.label, sweep.DEFAULT)) + "), each in its own "
+                             "process, beside the peer methods (by default the family's methods that are not "
+                             "lce_compile's); budgets that give the same chunks are measured once. --plot then "
+                             "draws time against peak memory, one panel per shape")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -99,10 +106,23 @@ def parse_args(argv=None):
         args.shapes = parse_shapes(args.shapes or DEFAULT_SHAPES[args.loss][args.device])
         if args.tokens:
             args.shapes = with_tokens(args.shapes, args.tokens)
+        if args.sweep_memory is not None:
+            args.sweep_memory = sweep.parse(args.sweep_memory)
+            if args.methods is None:
+                args.methods = sweep_methods(args.device, args.loss)
         args.methods = parse_methods(args.methods, args.device, args.loss)
     except ValueError as error:
         parser.error(str(error))
+    if args.sweep_memory is not None and args.interleaved:
+        parser.error("--sweep-memory measures each point in its own process; it does not combine with --interleaved.")
     return args
+
+
+def sweep_methods(device, loss):
+    """--sweep-memory's default methods: the swept one(s) and the peers (not lce_compile's other settings)."""
+    methods = FAMILIES[loss].methods
+    return ",".join(name for name in parse_methods(None, device, loss)
+                    if methods[name].make_at is not None or not name.startswith("fused"))
 
 
 def parse_shapes(values):
@@ -167,37 +187,69 @@ def main(argv=None):
         else:
             methods.append(name)
     results = []
+
+    def save(records):  # after every record: a long run that is stopped keeps what it measured
+        meta["device_name"] = next((r["device_name"] for r in records if "device_name" in r), meta["device_name"])
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results + records}, f, indent=1)
+
     for shape_name, shape in args.shapes:
-        results += bench_shape(shape_name, shape, methods, args, say)
-        meta["device_name"] = next((r["device_name"] for r in results if "device_name" in r), meta["device_name"])
-        with open(args.json, "w") as f:  # after every shape: a long run that is stopped keeps what it measured
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+        results += bench_shape(shape_name, shape, methods, args, say, save)
     print(report.tables(meta, results), flush=True)
+    if args.sweep_memory is not None:
+        found = sweep.reach(results)
+        print("\n".join(["", "peer points reached (time <= and peak <= by some chunk_memory of ours):"]
+                        + sweep.reach_lines(found)), flush=True)
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results, "reach": found}, f, indent=1)
     print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        report.plot(results, args.plot, meta)
+        (report.plot_sweep if args.sweep_memory is not None else report.plot)(results, args.plot, meta)
     return results
 
 
-def bench_shape(shape_name, shape, methods, args, say):
-    """One record per method: time, peak memory, floor, errors; each measured in fresh processes."""
+def bench_shape(shape_name, shape, methods, args, say, save=lambda records: None):
+    """One record per method: time, peak memory, floor, errors; each measured in fresh processes.
+    ``save(records)`` is called with the shape's records so far after each of them."""
     n, d, v = shape
     base = {"device": args.device, "dtype": args.dtype, "shape": shape, "seed": args.seed, "loss": args.loss}
     where = (f"fp64 reference, errors on the first {min(n, measure.ERROR_ROWS)} tokens" if args.device == "cpu"
              else "fp32 reference, errors on all tokens")
     say(f"[{shape_name} N={n}] {where} ...")
-    errors = isolated(dict(base, task="errors", methods=methods))
+    points = [(name, p[0]) for name, p in _points(shape, methods, args) if p is not None]
+    errors = isolated(dict(base, task="errors", methods=[m for m in methods if all(m != q for q, _ in points)],
+                           points=points))
     # Floor: no method can need less than the two gradients it returns.
     floor = (n * d + v * d) * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     records = []
-    for name in methods:
+    for name, point in _points(shape, methods, args):
         record = {"shape": shape_name, "N": n, "D": d, "V": v, "method": name, "floor_bytes": floor}
         task = dict(base, method=name, repeat=args.repeat, warmup=WARMUP[args.device])
+        if point is not None:  # a budget of the sweep
+            budget, chunks, rows, same = point
+            record.update(chunk_memory=sweep.as_json(budget), chunks=chunks, chunk_rows=rows,
+                          same_chunks_as=[sweep.as_json(b) for b in same])
+            task["chunk_memory"] = budget
         parts = [isolated(dict(task, task=args.device))]
-        parts.append(errors.get("errors", {}).get(name, {"error": f"errors: {errors.get('error')}"}))
+        key = measure.point_key(name, None if point is None else point[0])
+        parts.append(errors.get("errors", {}).get(key, {"error": f"errors: {errors.get('error')}"}))
         records.append(_merge(record, parts))
         say(report.progress_line(records[-1]))
+        save(records)
     return records
+
+
+def _points(shape, methods, args):
+    """[(method, None | (chunk_memory, chunks, rows, same budgets)), ...]: each method once, or, with
+    --sweep-memory, a method that takes a budget once per distinct split of the tokens."""
+    family = FAMILIES[args.loss]
+    out = []
+    for name in methods:
+        if args.sweep_memory is not None and family.methods[name].make_at is not None:
+            out += [(name, p) for p in sweep.points(shape, args.dtype, family.buffers, args.sweep_memory)]
+        else:
+            out.append((name, None))
+    return out
 
 
 def _merge(record, parts):
@@ -253,6 +305,7 @@ def _metadata(args):
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "lce_compile": _version(), "loss": args.loss, "dtype": args.dtype, "repeat": args.repeat, "warmup": WARMUP[args.device],
         "error_rows": measure.ERROR_ROWS if args.device == "cpu" else "all", "seed": args.seed, "argv": sys.argv[1:], "skipped": {},
+        "sweep_memory": None if args.sweep_memory is None else [sweep.as_json(b) for b in args.sweep_memory],
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

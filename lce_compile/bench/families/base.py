@@ -22,6 +22,8 @@ class Method:
         (a tiny warm-up would leave the compilation inside the measured run).
     reference: for a method that computes a variant of the family's loss (a softcapped cross-entropy, a
         reverse KL), the reference of that variant; None: the family's.
+    make_at: chunk_memory -> fn, the method at that memory budget (``FusedOptions(chunk_memory=...)``):
+        ``--sweep-memory`` measures a method that has one at every budget of the sweep (the time-memory curve).
     """
 
     make: Callable[[], Callable]
@@ -30,6 +32,7 @@ class Method:
     default_on: tuple = ("cpu", "cuda")
     compiles: bool = False
     reference: Optional[Callable] = None
+    make_at: Optional[Callable[[float], Callable]] = None
 
 
 def _no_extras(hidden, weight, targets):
@@ -48,6 +51,8 @@ class Family:
     chunkable_reference: the reference also takes ``reduction="sum"`` and is a sum over rows, so that the
         CUDA errors may compute it a few thousand rows at a time (mean = sum / kept tokens); only for a
         family without extras, which would need slicing with the rows.
+    buffers: (C, V) logits buffers a chunk of the fused methods holds (2 with a teacher's), which share the
+        ``chunk_memory`` budget: for the chunk sizes ``--sweep-memory`` reports.
     """
 
     name: str
@@ -56,18 +61,20 @@ class Family:
     methods: dict
     extras: Callable = _no_extras
     chunkable_reference: bool = False
+    buffers: int = 1
 
     def reference_of(self, method_name: str) -> Callable:
         return self.methods[method_name].reference or self.reference
 
 
-def needs_module(module: str, device_types=("cuda",)):
-    """``unavailable`` for a method from an optional package that runs on ``device_types`` only."""
+def needs_module(*modules: str, device_types=("cuda",)):
+    """``unavailable`` for a method from optional packages that runs on ``device_types`` only."""
     def check(device):
         if device not in device_types:
             return f"runs on {'/'.join(device_types)} only"
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed"
+        for module in modules:
+            if importlib.util.find_spec(module) is None:
+                return f"{module} is not installed"
         return None
     return check
 

@@ -83,7 +83,8 @@ METHODS = {
     "compile": Method(lambda: torch.compile(unfused_cross_entropy), "torch.compile of the unfused code",
                       default_on=("cuda",), compiles=True),
     # lce_compile compiles its chunk functions on CUDA, and on the CPU for large calls
-    "fused": Method(_make_fused, "lce_compile.linear_cross_entropy, default options", compiles=True),
+    "fused": Method(_make_fused, "lce_compile.linear_cross_entropy, default options", compiles=True,
+                    make_at=lambda memory: _make_fused(chunk_memory=memory)),
     "fused_compiled": Method(functools.partial(_make_fused, compile=True),
                              "lce_compile.linear_cross_entropy, FusedOptions(compile=True)", default_on=(),
                              compiles=True),

@@ -61,15 +61,19 @@ def _make_compile(kind):
     return compiled_kd
 
 
-def _make_fused(kind, compile=None):
+def _make_fused(kind, compile=None, chunk_memory=None):
     from lce_compile import FusedOptions, linear_kd_loss
-    options = FusedOptions(compile=compile)
+    options = FusedOptions(compile=compile, chunk_memory=chunk_memory)
 
     def fused(hidden, weight, targets, teacher_hidden, teacher_weight):
         t_hidden, t_weight = _as_student(hidden, teacher_hidden, teacher_weight)
         return linear_kd_loss(hidden, weight, t_hidden, t_weight, targets, kind=kind, ignore_index=IGNORE_INDEX,
                               options=options)
     return fused
+
+
+def _sweep_fused(kind, chunk_memory):
+    return _make_fused(kind, chunk_memory=chunk_memory)
 
 
 def _make_liger(kind):
@@ -92,7 +96,8 @@ def _kind_methods(kind):
         "compile" + suffix: Method(functools.partial(_make_compile, kind), f"torch.compile of the unfused {kind}",
                                    default_on=peers_on, compiles=True, reference=reference),
         "fused" + suffix: Method(functools.partial(_make_fused, kind), f"lce_compile.linear_kd_loss(kind='{kind}')",
-                                 default_on=fused_on, compiles=True, reference=reference),
+                                 default_on=fused_on, compiles=True, reference=reference,
+                                 make_at=functools.partial(_sweep_fused, kind)),
         "liger" + suffix: Method(functools.partial(_make_liger, kind),
                                  f"liger_kernel LigerFusedLinearJSD(jsd_beta={_LIGER_JSD_BETA[kind]}), {kind}",
                                  unavailable=needs_module("liger_kernel"), default_on=peers_on, reference=reference),
@@ -110,4 +115,4 @@ for _kind in KINDS:
 
 KD = Family("kd", f"distillation: forward KL to a teacher {TEACHER_WIDTH}x as wide as the student (D), mean over "
             "kept tokens; the floor is the student's gradients (reverse KL and JSD: --methods all or by name)",
-            reference=unfused_kd, methods=METHODS, extras=teacher)
+            reference=unfused_kd, methods=METHODS, extras=teacher, buffers=2)

@@ -8,7 +8,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import IGNORE_INDEX, Family, Method, wide_logits
+import contextlib
+import sys
+import types
+
+from .base import IGNORE_INDEX, Family, Method, needs_module, wide_logits
 
 SEQUENCE = 1024  # T, completion tokens per sequence
 GRPO_BETA, GRPO_EPSILON = 0.04, 0.2
@@ -30,6 +34,30 @@ def _token_logprobs(hidden, weight, token_ids):
     return logits.log_softmax(-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
 
 
+_TRL_VOCAB_TILE = 32768  # TRL 1.16's trainers' chunk_size (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+
+
+def _trl_kernel():
+    """TRL's chunked log-prob kernel (``trl.kernels``), with a no-op stand-in for the ZeRO-3 gather that its
+    backward imports from ``trl.trainer.utils`` (which needs accelerate and datasets; this runs in a worker)."""
+    if "trl.trainer.utils" not in sys.modules:
+        stub = types.ModuleType("trl.trainer.utils")
+        stub.maybe_gather_lm_head_ctx = lambda weight, bias: contextlib.nullcontext()
+        sys.modules.setdefault("trl.trainer", types.ModuleType("trl.trainer"))
+        sys.modules["trl.trainer.utils"] = stub
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    def logprobs_and_entropy(hidden, weight, token_ids):
+        """(log p(token), entropy), both (N,), as TRL's trainers call the kernel (temperature 1, no softcap)."""
+        logp, entropy, *_ = ChunkedLogProbFunction.apply(hidden, weight, None, token_ids, 1.0, _TRL_VOCAB_TILE,
+                                                         None, 1.0, ("entropy",))
+        return logp, entropy
+    return logprobs_and_entropy
+
+
+_trl_unavailable = needs_module("trl", "transformers")
+
+
 # ---- GRPO: DAPO normalization, token-level ratios, k3 KL to reference log-probs ----
 
 def grpo_rollout(hidden, weight, targets):
@@ -49,8 +77,11 @@ def unfused_grpo(hidden, weight, targets, token_ids, completion_mask, advantages
     return _unfused_grpo(hidden, weight, token_ids, completion_mask, advantages, ref_logprobs)
 
 
-def _unfused_grpo(hidden, weight, ids, mask, advantages, ref, beta=GRPO_BETA, epsilon=GRPO_EPSILON):
-    logp = _token_logprobs(hidden, weight, ids)
+def _unfused_grpo(hidden, weight, ids, mask, advantages, ref):
+    return _grpo_objective(_token_logprobs(hidden, weight, ids), mask, advantages, ref)
+
+
+def _grpo_objective(logp, mask, advantages, ref, beta=GRPO_BETA, epsilon=GRPO_EPSILON):
     ratio = torch.exp(logp - logp.detach())
     adv = advantages.unsqueeze(-1)
     loss = -torch.minimum(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon) * adv)
@@ -67,9 +98,18 @@ def _make_grpo_compile():
     return compiled_grpo
 
 
-def _make_grpo_fused(compile=None):
+def _make_grpo_trl():
+    kernel = _trl_kernel()
+
+    def trl_grpo(hidden, weight, targets, token_ids, completion_mask, advantages, ref_logprobs):
+        logp, _ = kernel(hidden, weight, token_ids.flatten())
+        return _grpo_objective(logp.view(token_ids.shape), completion_mask, advantages, ref_logprobs)
+    return trl_grpo
+
+
+def _make_grpo_fused(compile=None, chunk_memory=None):
     from lce_compile import FusedOptions, linear_grpo_loss
-    options = FusedOptions(compile=compile)
+    options = FusedOptions(compile=compile, chunk_memory=chunk_memory)
 
     def fused(hidden, weight, targets, token_ids, completion_mask, advantages, ref_logprobs):
         return linear_grpo_loss(hidden.view(*token_ids.shape, -1), weight, token_ids, completion_mask, advantages,
@@ -85,7 +125,10 @@ GRPO = Family(
         "eager": Method(lambda: unfused_grpo, "unfused GRPO (dapo): full logits, log_softmax, gather"),
         "compile": Method(_make_grpo_compile, "torch.compile of the unfused GRPO loss", default_on=("cuda",),
                           compiles=True),
-        "fused": Method(_make_grpo_fused, "lce_compile.linear_grpo_loss(loss_type='dapo')", compiles=True),
+        "fused": Method(_make_grpo_fused, "lce_compile.linear_grpo_loss(loss_type='dapo')", compiles=True,
+                        make_at=lambda memory: _make_grpo_fused(chunk_memory=memory)),
+        "trl": Method(_make_grpo_trl, "TRL 1.16's chunked log-prob kernel (trl.kernels), then the same per-token "
+                      "formula", unavailable=_trl_unavailable, default_on=("cuda",)),
         "fused_compiled": Method(lambda: _make_grpo_fused(True), "lce_compile.linear_grpo_loss(loss_type='dapo'), "
                                  "FusedOptions(compile=True)", default_on=(), compiles=True),
     })
@@ -123,12 +166,13 @@ def _make_dpo_compile():
     return compiled_dpo
 
 
-def _make_dpo_fused():
-    from lce_compile import linear_dpo_loss
+def _make_dpo_fused(chunk_memory=None):
+    from lce_compile import FusedOptions, linear_dpo_loss
+    options = FusedOptions(chunk_memory=chunk_memory)
 
     def fused(hidden, weight, targets, token_ids, completion_mask, ref_logprobs):
         return linear_dpo_loss(hidden[: token_ids.numel()].view(*token_ids.shape, -1), weight, token_ids,
-                               completion_mask, ref_logprobs, beta=DPO_BETA)
+                               completion_mask, ref_logprobs, beta=DPO_BETA, options=options)
     return fused
 
 
@@ -140,7 +184,8 @@ DPO = Family(
         "eager": Method(lambda: unfused_dpo, "unfused DPO (sigmoid): full logits, log_softmax, gather"),
         "compile": Method(_make_dpo_compile, "torch.compile of the unfused DPO loss", default_on=("cuda",),
                           compiles=True),
-        "fused": Method(_make_dpo_fused, "lce_compile.linear_dpo_loss", compiles=True),
+        "fused": Method(_make_dpo_fused, "lce_compile.linear_dpo_loss", compiles=True,
+                        make_at=lambda memory: _make_dpo_fused(chunk_memory=memory)),
     })
 
 
@@ -160,14 +205,26 @@ def _logprob_objective(logp, entropy, kept):
     return -(torch.where(kept, logp + ENTROPY_BONUS * entropy, 0.0)).sum() / kept.sum()
 
 
-def _make_logprobs_fused():
-    from lce_compile import linear_token_logprobs
+def _make_logprobs_fused(chunk_memory=None):
+    from lce_compile import FusedOptions, linear_token_logprobs
+    options = FusedOptions(chunk_memory=chunk_memory)
 
     def fused(hidden, weight, targets):
         kept = targets != IGNORE_INDEX
-        logp, entropy = linear_token_logprobs(hidden, weight, torch.where(kept, targets, 0), return_entropy=True)
+        logp, entropy = linear_token_logprobs(hidden, weight, torch.where(kept, targets, 0), return_entropy=True,
+                                              options=options)
         return _logprob_objective(logp, entropy, kept)
     return fused
+
+
+def _make_logprobs_trl():
+    kernel = _trl_kernel()
+
+    def trl_logprobs(hidden, weight, targets):
+        kept = targets != IGNORE_INDEX
+        logp, entropy = kernel(hidden, weight, torch.where(kept, targets, 0))
+        return _logprob_objective(logp, entropy, kept)
+    return trl_logprobs
 
 
 LOGPROBS = Family(
@@ -177,5 +234,7 @@ LOGPROBS = Family(
         "compile": Method(lambda: torch.compile(unfused_logprobs), "torch.compile of the unfused log-probs + "
                           "entropy", default_on=("cuda",), compiles=True),
         "fused": Method(_make_logprobs_fused, "lce_compile.linear_token_logprobs(return_entropy=True)",
-                        compiles=True),
+                        compiles=True, make_at=lambda memory: _make_logprobs_fused(chunk_memory=memory)),
+        "trl": Method(_make_logprobs_trl, "TRL 1.16's chunked log-prob kernel (trl.kernels), entropy requested",
+                      unavailable=_trl_unavailable, default_on=("cuda",)),
     })
