@@ -373,13 +373,11 @@ def _same(out):
 def _map_tensors(fn, out):
     if isinstance(out, torch.Tensor):
         return fn(out)
+    # lists, not generators: Dynamo (torch 2.11) cannot trace a generator into a constructor
     if isinstance(out, tuple) and hasattr(out, "_fields"):
-        return type(out)(*(_map_tensors(fn, o) for o in out))
+        return type(out)(*[_map_tensors(fn, o) for o in out])
     if isinstance(out, (tuple, list)):
-        return type(out)(_map_tensors(fn, o) for o in out)
+        return type(out)([_map_tensors(fn, o) for o in out])
     if isinstance(out, dict):
         return {k: _map_tensors(fn, v) for k, v in out.items()}
-    if dataclasses.is_dataclass(out) and not isinstance(out, type):
-        return dataclasses.replace(out, **{f.name: _map_tensors(fn, getattr(out, f.name))
-                                           for f in dataclasses.fields(out)})
-    return out
+    return out  # None, numbers
