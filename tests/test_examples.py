@@ -44,3 +44,11 @@ def test_hf_trainer_curves_agree(tmp_path):
     assert rel < 1e-4, out  # the script exits non-zero above 1e-3
     first, last = (float(x) for x in re.search(r"^ +patched: loss (\S+) -> (\S+)", out, re.M).groups())
     assert last < first, f"the loss did not fall:\n{out}"
+
+
+def test_torchtitan_debug_curves_agree(tmp_path):
+    pytest.importorskip("torchtitan")
+    pytest.importorskip("matplotlib")
+    out = run_example("torchtitan_debug.py", "--steps", "3", "--out", str(tmp_path / "curves.png"))
+    rel = float(re.search(r"max relative difference over 3 steps: (\S+)", out).group(1))
+    assert rel < 1e-4, out  # the script exits non-zero above 1e-3
