@@ -280,6 +280,20 @@ class _TinyLM(nn.Module):
         return self.norm(h)
 
 
+def _twins(build):
+    """The one-process reference and the model to shard, with the same fp64 weights."""
+    torch.manual_seed(0)
+    reference, model = build().double(), build().double()
+    model.load_state_dict(reference.state_dict())
+    return reference, model
+
+
+def _rank_batches(seed):
+    """(WORLD, 2, 9) token ids and targets: each rank's own batch, the reference sees them all."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (WORLD, 2, 9), generator=g), torch.randint(0, V, (WORLD, 2, 9), generator=g)
+
+
 def _fsdp_step(model, ids, targets, fused):
     hidden = model(ids)
     if fused:
@@ -289,13 +303,8 @@ def _fsdp_step(model, ids, targets, fused):
 
 def _fsdp(rank, layout, tied, compiled):
     from torch.distributed.fsdp import fully_shard
-    torch.manual_seed(0)
-    reference = _TinyLM(tied).double()
-    model = _TinyLM(tied).double()
-    model.load_state_dict(reference.state_dict())
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, V, (WORLD, 2, 9), generator=g)
-    targets = torch.randint(0, V, (WORLD, 2, 9), generator=g)
+    reference, model = _twins(lambda: _TinyLM(tied))
+    ids, targets = _rank_batches(seed=1)
     targets[:, :, ::4] = -100
     # the reference: one process, the mean over ranks of each rank's loss (FSDP averages the ranks' gradients)
     sum(_fsdp_step(reference, ids[r], targets[r], fused=False) for r in range(WORLD)).div(WORLD).backward()
@@ -344,12 +353,8 @@ def _fsdp_transformers(rank):
     from lce_compile.integrations.transformers import patch
     config = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    reference = LlamaForCausalLM(config).double()
-    model = LlamaForCausalLM(config).double()
-    model.load_state_dict(reference.state_dict())
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, V, (WORLD, 2, 9), generator=g)
+    reference, model = _twins(lambda: LlamaForCausalLM(config))
+    ids, _ = _rank_batches(seed=2)
     labels = ids.clone()
     labels[:, :, :3] = -100
     sum(reference(input_ids=ids[r], labels=labels[r]).loss for r in range(WORLD)).div(WORLD).backward()

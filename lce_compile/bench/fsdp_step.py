@@ -9,13 +9,10 @@ Run: ``python -m lce_compile.bench.fsdp_step --device cuda --model llama3.2-1b``
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
-import time
 
 import torch
-import torch.distributed as dist
+
+from . import ranks
 
 MODELS = {"llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                               num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=False),
@@ -41,15 +38,11 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
-def _worker(rank, world, path, args, out):
+def _worker(rank, args):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import init_device_mesh
     from ..integrations.transformers import patch
-    device = args.device
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{path}", rank=rank,
-                            world_size=world)
+    device, world = args.device, args.world
     dtype = getattr(torch, args.dtype)
     mesh = init_device_mesh(device, (world,))
     ids, labels = _batches(world, args.batch, args.tokens, MODELS[args.model]["vocab_size"], device)
@@ -68,23 +61,11 @@ def _worker(rank, world, path, args, out):
         fully_shard(model.lm_head, mesh=mesh, reshard_after_forward=True)
         fully_shard(model, mesh=mesh)
         handle = patch(model) if method == "patched" else None
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        times = []
-        for i in range(args.warmup + args.repeat):
-            model.zero_grad(set_to_none=i < args.warmup + args.repeat - 1)
-            if device == "cuda" and i == args.warmup:
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            sync()
-            dist.barrier()
-            t0 = time.perf_counter()
-            model(input_ids=ids[rank], labels=labels[rank]).loss.backward()
-            sync()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        row = {"time_ms": 1e3 * sorted(times)[len(times) // 2]}
-        if device == "cuda":
-            row["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+        ms, peak = ranks.timed(lambda: model(input_ids=ids[rank], labels=labels[rank]).loss.backward(),
+                               lambda i: model.zero_grad(), args)
+        row = {"time_ms": ms}
+        if peak is not None:
+            row["peak_gib"] = peak / 2 ** 30
         model.zero_grad()
         model(input_ids=ids[rank], labels=labels[rank]).loss.backward()  # one step's gradients, to compare
         grads = {n: p.grad.full_tensor().float().cpu() for n, p in model.named_parameters()}
@@ -98,10 +79,7 @@ def _worker(rank, world, path, args, out):
         del model, grads
         if device == "cuda":
             torch.cuda.empty_cache()
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
+    return results
 
 
 def main(argv=None):
@@ -117,20 +95,7 @@ def main(argv=None):
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "out.json")
-        torch.multiprocessing.spawn(_worker, args=(args.world, os.path.join(tmp, "rdzv"), args, out),
-                                    nprocs=args.world)
-        with open(out) as f:
-            results = json.load(f)
-    report = {"device": args.device, "world": args.world, "model": args.model, "batch": args.batch,
-              "tokens": args.tokens, "dtype": args.dtype, "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}
-    print(json.dumps(report, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    return report
+    return ranks.report(args, ranks.spawn(_worker, args), model=args.model, batch=args.batch, tokens=args.tokens)
 
 
 if __name__ == "__main__":

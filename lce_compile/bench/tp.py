@@ -13,15 +13,11 @@ local ``grad_weight``. Errors: relative norms against an fp64 single-process ref
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import tempfile
-import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from . import ranks
 
 METHODS = ("loss_parallel", "gather", "fused")
 
@@ -80,14 +76,10 @@ def _errors(method, n, d, v, dtype, device, mesh, rows=512):
             "err_grad_w": rel(w_dt.grad.to_local(), w64.grad[start:start + local])}
 
 
-def _worker(rank, world, path, args, out):
-    device = "cuda" if args.device == "cuda" else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{path}", rank=rank,
-                            world_size=world)
+def _worker(rank, args):
     from torch.distributed.tensor import init_device_mesh
-    mesh = init_device_mesh(device, (world,))
+    device = args.device
+    mesh = init_device_mesh(device, (args.world,))
     dtype = getattr(torch, args.dtype)
     n, d, v = args.shape
     results = {}
@@ -95,25 +87,15 @@ def _worker(rank, world, path, args, out):
         try:
             hidden, weight, targets, h_local, h_dt, w_dt = _inputs(n, d, v, dtype, device, mesh)
             del hidden, weight
-            times = []
-            sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-            for i in range(args.warmup + args.repeat):
+
+            def reset(i):
                 h_local.grad = w_dt.grad = None
-                if device == "cuda" and i == args.warmup:
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                sync()
-                dist.barrier()
-                t0 = time.perf_counter()
-                _step(method, h_dt, w_dt, targets)
-                sync()
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - t0)
-            row = {"time_ms": 1e3 * statistics.median(times)}
+
+            ms, peak = ranks.timed(lambda: _step(method, h_dt, w_dt, targets), reset, args)
             floor = h_local.numel() * h_local.element_size() + w_dt.to_local().numel() * w_dt.element_size()
-            row["floor_mib"] = floor / 2 ** 20
-            if device == "cuda":
-                row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            row = {"time_ms": ms, "floor_mib": floor / 2 ** 20}
+            if peak is not None:
+                row["peak_mib"] = peak / 2 ** 20
                 row["x_floor"] = row["peak_mib"] / row["floor_mib"]
             del h_local, h_dt, w_dt, targets
             row.update(_errors(method, n, d, v, dtype, device, mesh))
@@ -122,10 +104,7 @@ def _worker(rank, world, path, args, out):
         results[method] = row
         if device == "cuda":
             torch.cuda.empty_cache()
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
+    return results
 
 
 def main(argv=None):
@@ -142,20 +121,7 @@ def main(argv=None):
     args.shape = tuple(int(x) for x in args.shape.replace("x", ",").split(","))
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.methods = args.methods.split(",")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "out.json")
-        torch.multiprocessing.spawn(_worker, args=(args.world, os.path.join(tmp, "rdzv"), args, out),
-                                    nprocs=args.world)
-        with open(out) as f:
-            results = json.load(f)
-    report = {"device": args.device, "world": args.world, "shape": args.shape, "dtype": args.dtype,
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "results": results}
-    print(json.dumps(report, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    return report
+    return ranks.report(args, ranks.spawn(_worker, args), shape=args.shape)
 
 
 if __name__ == "__main__":
