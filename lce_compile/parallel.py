@@ -213,6 +213,7 @@ def localize(name: str, hidden, weight, bias=None, *others) -> Local:
     here, its gradient reduce-scattered by DTensor). ``others`` (targets, masks, a class weight, a teacher's
     hidden states) are returned full: DTensors replicated, plain tensors as they are.
     """
+    others = tuple(_full(t) for t in others)
     if isinstance(weight, VocabShard):
         if _is_dtensor(hidden):
             raise TypeError(f"{name}: hidden must be a plain Tensor beside a VocabShard weight, got a DTensor; "
@@ -221,12 +222,12 @@ def localize(name: str, hidden, weight, bias=None, *others) -> Local:
         vocab = _shard(weight.start, weight.weight.shape[0], weight.vocab_size, weight.group)
         if hidden.requires_grad:
             hidden = _CopyToRanks.apply(hidden, weight.group)
-        return Local(hidden, weight.weight, bias, tuple(_full(t) for t in others), vocab, _same)
+        return Local(hidden, weight.weight, bias, others, vocab, _same)
     if not _is_dtensor(weight):
         if _is_dtensor(hidden):
             raise TypeError(f"{name}: hidden is a DTensor but weight is a plain Tensor; pass the head's weight as a "
                             f"DTensor on hidden's mesh (tensor parallel), or both as plain tensors.")
-        return Local(hidden, weight, bias, tuple(_full(t) for t in others), LOCAL, _same)
+        return Local(hidden, weight, bias, others, LOCAL, _same)
     local, start, vocab_size, group = _dtensor_shard(name, "weight", weight)
     if not _is_dtensor(hidden):
         raise ValueError(
@@ -253,7 +254,7 @@ def localize(name: str, hidden, weight, bias=None, *others) -> Local:
     def finish(out):
         return _map_tensors(lambda t: DTensor.from_local(t, mesh, [Replicate()], run_check=False), out)
 
-    return Local(hidden, local, bias, tuple(_full(t) for t in others), vocab, finish)
+    return Local(hidden, local, bias, others, vocab, finish)
 
 
 def localize_like(name: str, vocab: Vocab, weight, bias=None, prefix: str = ""):
@@ -284,8 +285,7 @@ def call_head(head: torch.nn.Module, loss: Callable, hidden, *args, **kwargs):
     head has one. Returns what ``loss`` returns. Never call ``weight.full_tensor()`` instead: each rank would
     keep its own unreduced gradient.
     """
-    had_own = "forward" in vars(head)
-    own = vars(head).get("forward")
+    own = vars(head).get("forward")  # an instance forward of its own, restored after the call
 
     def forward(hidden, *args, **kwargs):
         bias = getattr(head, "bias", None)
@@ -297,7 +297,7 @@ def call_head(head: torch.nn.Module, loss: Callable, hidden, *args, **kwargs):
     try:
         return head(hidden, *args, **kwargs)
     finally:
-        if had_own:
+        if own is not None:
             head.forward = own
         else:
             del head.forward

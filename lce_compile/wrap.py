@@ -10,7 +10,7 @@ from torch.nn import _reduction
 from . import checks, parallel, policy
 from .engine import Plan, fused_call
 from .losses.cross_entropy import linear_cross_entropy
-from .losses._rows import kept_row_weight, widen
+from .losses._rows import class_weight_at, kept_row_weight, target_logit, widen
 from .policy import DEFAULT_OPTIONS, FusedOptions
 
 _RETURNS = ("rows", "sum", "mean")
@@ -189,9 +189,9 @@ def _class_index_form(self, hidden, weight, bias, row_inputs, kwargs, options):
 def _nll_rows(logits, targets, *, class_weight=None, ignore_index=-100, vocab=parallel.LOCAL):
     """F.nll_loss's rows (the logits read as log-probabilities), as a sum over a vocabulary that may be split."""
     z = widen(logits)
-    loss = -vocab.sum(torch.where(vocab.columns(z) == targets.unsqueeze(-1), z, 0.0))
+    loss = -target_logit(z, targets, vocab)
     if class_weight is not None:
-        loss = loss * class_weight.to(z.dtype).gather(0, targets.clamp(0, class_weight.shape[0] - 1))
+        loss = loss * class_weight_at(class_weight.to(z.dtype), targets)
     return torch.where(targets != ignore_index, loss, 0.0)
 
 

@@ -20,9 +20,20 @@ def target_log_prob(z, targets, vocab=LOCAL):
     Out-of-range targets (unchecked, ``validate=False``, or ignored rows) give NaN, never a plausible number.
     """
     lse = vocab.logsumexp(z)
-    picked = vocab.sum(torch.where(vocab.columns(z) == targets.unsqueeze(-1), z, 0.0))
     in_range = (targets >= 0) & (targets < vocab.size(z))
-    return torch.where(in_range, picked - lse, float("nan")), lse
+    return torch.where(in_range, target_logit(z, targets, vocab) - lse, float("nan")), lse
+
+
+def target_logit(z, targets, vocab=LOCAL):
+    """z[target] per row, as a masked sum over the vocabulary (0 for a target off this shard or out of range)."""
+    return vocab.sum(torch.where(vocab.columns(z) == targets.unsqueeze(-1), z, 0.0))
+
+
+def class_weight_at(class_weight, targets):
+    """class_weight[target] per row; targets are clamped into range, so an unchecked out-of-range (or ignored)
+    target gives some weight instead of failing the gather: its loss is NaN (or masked) already."""
+    index = targets.clamp(0, class_weight.shape[0] - 1)
+    return class_weight.gather(0, index.reshape(-1)).reshape(targets.shape)
 
 
 def entropy(z, lse, vocab=LOCAL):
@@ -41,10 +52,7 @@ def kept_row_weight(targets, ignore_index: int, class_weight=None) -> torch.Tens
     if class_weight is None:
         return kept.float()
     class_weight = class_weight.to(torch.promote_types(class_weight.dtype, torch.float32))
-    # clamped: an unchecked out-of-range target makes the loss NaN, not this gather fail
-    index = torch.where(kept, targets, 0).clamp(0, class_weight.shape[0] - 1)
-    picked = class_weight.gather(0, index.reshape(-1)).reshape(targets.shape)
-    return picked * kept
+    return class_weight_at(class_weight, targets) * kept
 
 
 def clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high):

@@ -8,10 +8,10 @@ from torch import nn
 
 from .. import checks, parallel
 from ..engine import Plan, fused_call
+from ..parallel import LOCAL
 from ..policy import DEFAULT_OPTIONS, FusedOptions
 from ._aux import AuxOutput, AuxRequest, aux_keys as requested_aux
-from ..parallel import LOCAL
-from ._rows import kept_row_weight, target_log_prob, widen
+from ._rows import class_weight_at, kept_row_weight, target_log_prob, widen
 
 _NAME = "linear_cross_entropy"
 _AUX = ("loss", "lse", "correct")  # the AuxRequest fields cross-entropy gives
@@ -33,7 +33,7 @@ def _ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smo
     logp, lse = target_log_prob(z, targets, vocab)  # NaN where out of range, ignored rows included
     loss = -logp
     if class_weight is not None:  # the full (V,) weights on every rank
-        loss = loss * class_weight.to(z.dtype).gather(0, targets.clamp(0, class_weight.shape[0] - 1))
+        loss = loss * class_weight_at(class_weight.to(z.dtype), targets)
     if label_smoothing:
         if class_weight is None:
             smooth = lse * vocab.size(z) - vocab.sum(z)
@@ -70,8 +70,9 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
 
     Args:
         hidden (Tensor): ``(..., D)`` final hidden states; fp32, bf16 or fp16.
-        weight (Tensor): ``(V, D)`` output layer, e.g. ``model.lm_head.weight``; or split over the vocabulary across ranks (a ``Shard(0)`` DTensor
-            beside a DTensor ``hidden``, or a ``VocabShard``: docs/distributed.md).
+        weight (Tensor): ``(V, D)`` output layer, e.g. ``model.lm_head.weight``; or split over the vocabulary
+            across ranks (a ``Shard(0)`` DTensor beside a DTensor ``hidden``, or a ``VocabShard``:
+            docs/distributed.md).
         targets (Tensor): ``(...)`` integer class indices in ``[0, V)`` or ``ignore_index``.
         bias (Tensor, optional): ``(V,)`` output-layer bias.
         class_weight (Tensor, optional): ``(V,)`` per-class weights, as ``F.cross_entropy``'s ``weight``.

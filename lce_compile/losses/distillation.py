@@ -144,10 +144,11 @@ def linear_kd_loss(hidden=None, weight=None, teacher_hidden=None, teacher_weight
 
     Args:
         hidden (Tensor): ``(..., D)`` the student's final hidden states (the trained head, as in every loss).
-        weight (Tensor): ``(V, D)`` the student's output layer; or split over the vocabulary across ranks (a ``Shard(0)`` DTensor
-            beside a DTensor ``hidden``, or a ``VocabShard``: docs/distributed.md).
+        weight (Tensor): ``(V, D)`` the student's output layer; or split over the vocabulary across ranks (a
+            ``Shard(0)`` DTensor beside a DTensor ``hidden``, or a ``VocabShard``: docs/distributed.md).
         teacher_hidden (Tensor): ``(..., D_t)`` the teacher's, for the same tokens; ``D_t`` may differ from ``D``.
-        teacher_weight (Tensor): ``(V, D_t)`` the teacher's output layer, over the same vocabulary, split as ``weight`` is.
+        teacher_weight (Tensor): ``(V, D_t)`` the teacher's output layer, over the same vocabulary, split as
+            ``weight`` is.
         targets (Tensor, optional): ``(...)`` token ids: tokens equal to ``ignore_index`` contribute 0 and leave
             the mean; needed for ``hard_weight > 0``. Default: every token counts.
         kind (str): ``"forward_kl"`` | ``"reverse_kl"`` | ``"jsd"``. Default: ``"forward_kl"``.

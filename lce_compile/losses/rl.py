@@ -100,12 +100,13 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature: 
     """
     name = "linear_token_logprobs"
     hidden, weight, bias, (token_ids,), vocab, finish = parallel.localize(name, hidden, weight, bias, token_ids)
-    return finish(_token_logprobs(hidden, weight, token_ids, bias, temperature, softcap, logit_scale, return_entropy,
-                                  return_aux, options, vocab, name))
+    return finish(_token_logprobs(name, vocab, hidden, weight, token_ids, bias=bias, temperature=temperature,
+                                  softcap=softcap, logit_scale=logit_scale, return_entropy=return_entropy,
+                                  return_aux=return_aux, options=options))
 
 
-def _token_logprobs(hidden, weight, token_ids, bias, temperature, softcap, logit_scale, return_entropy, return_aux,
-                    options, vocab, name):
+def _token_logprobs(name, vocab, hidden, weight, token_ids, *, bias, temperature, options, softcap=None,
+                    logit_scale=1.0, return_entropy=False, return_aux=None):
     """linear_token_logprobs on this rank's tensors (see parallel.localize)."""
     options = _check_logprob_inputs(name, hidden, weight, token_ids, temperature, bias, options, vocab)
     _check_transform(name, softcap, logit_scale)
@@ -195,8 +196,8 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
         return finish(_with_stats(out, return_stats, legacy, return_aux))
     # sequence level: a token's ratio depends on its whole sequence, which chunks may split. The loss is then
     # plain PyTorch over the fused log-probabilities (whose chunks are recomputed in backward).
-    out = _token_logprobs(hidden, weight, token_ids, bias, temperature, None, 1.0, return_stats, None, options,
-                          vocab, name)
+    out = _token_logprobs(name, vocab, hidden, weight, token_ids, bias=bias, temperature=temperature,
+                          options=options, return_entropy=return_stats)
     logp, token_entropy = out if return_stats else (out, None)
     mask = completion_mask.to(logp.dtype)
     old = logp.detach() if old_logprobs is None else old_logprobs.to(logp.dtype)
@@ -310,7 +311,7 @@ def linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, *,
     if not isinstance(ref_logprobs, torch.Tensor) or tuple(ref_logprobs.shape) not in ((n,), (n, t)):
         got = tuple(ref_logprobs.shape) if isinstance(ref_logprobs, torch.Tensor) else type(ref_logprobs).__name__
         raise ValueError(f"{name}: ref_logprobs must have shape (2B,) = ({n},) or (2B, T) = ({n}, {t}), got {got}.")
-    logp = _token_logprobs(hidden, weight, token_ids, bias, temperature, None, 1.0, False, None, options, vocab, name)
+    logp = _token_logprobs(name, vocab, hidden, weight, token_ids, bias=bias, temperature=temperature, options=options)
     mask = completion_mask.to(logp.dtype)
     seq = (logp * mask).sum(-1)
     ref = ref_logprobs.to(logp.dtype)
