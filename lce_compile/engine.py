@@ -1,9 +1,10 @@
-"""The one fused engine: the chunk loop, its autograd.Function, reductions and fp32 accumulators.
+"""The one fused engine: the chunk loop, reductions and fp32 accumulators.
 
 A loss is a *row function* ``fn(logits (C, V), *row_inputs (C, ...), **kwargs)`` that returns one value per
 row (or a scalar it declares as a sum or a mean of rows). The engine computes ``hidden @ weight.T (+ bias)``
 one chunk of rows at a time, runs ``fn`` on the chunk, and, when gradients are wanted, differentiates the
-chunk right away (gradient-in-forward), so no ``(N, V)`` tensor ever exists.
+chunk right away (gradient-in-forward), so no ``(N, V)`` tensor ever exists. ``forward`` and ``backward`` are
+the bodies of the fused operator (``boundary.py``): plain eager code on real tensors, whoever the caller is.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch.func import grad_and_value
-from torch.utils.checkpoint import checkpoint
 
 from . import checks, ops, policy
 from .policy import FusedOptions
@@ -71,102 +71,33 @@ def accumulation_dtype(hidden) -> torch.dtype:
     return torch.promote_types(hidden.dtype, torch.float32)
 
 
-def fused_call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), row_weight=None):
-    """Run ``plan`` over ``hidden (..., D)``; returns the loss, or ``(loss, aux tuple)`` if plan has aux.
+def forward(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom, needs):
+    """The call's outputs ``(value, *aux)`` over ``hidden (N, D)``, and for a reduced loss whose gradients are
+    wanted (``needs``: hidden, weight, bias) the gradients too, computed in the same pass (else ``None``).
 
-    ``row_weight (...)``: per-row weights whose sum is the denominator of a ``"mean"`` (default: one per row).
+    The body of the fused operator (``boundary``): eager PyTorch on real tensors, never traced.
     """
-    cast = policy.autocast_dtype(hidden.device)
-    if cast is not None:
-        # The unfused code under autocast: the matmuls in the autocast dtype, the loss in fp32, gradients cast
-        # back to each input's dtype. The same here, with the casts done once and differentiably, and the chunks
-        # (including a backward that recomputes them) run outside autocast on the cast tensors.
-        hidden, weight, bias = (policy.autocast_input(t, cast) for t in (hidden, weight, bias))
-        row_inputs = tuple(Head(*(policy.autocast_input(t, cast) for t in r)) if isinstance(r, Head) else r
-                           for r in row_inputs)
-        with torch.autocast(hidden.device.type, enabled=False):
-            return fused_call(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight)
-    if policy.under_function_transform():
-        raise checks.function_transform_error(plan.name)
-    lead, dim = hidden.shape[:-1], hidden.shape[-1]
-    hidden = hidden.reshape(-1, dim)
-    n = hidden.shape[0]
-    row_inputs = tuple(Head(r.hidden.reshape(n, r.hidden.shape[-1]), r.weight, r.bias) if isinstance(r, Head)
-                       else r.reshape(n, *r.shape[len(lead):]) for r in row_inputs)
-    acc = accumulation_dtype(hidden)
-    if plan.returns == "mean" and row_weight is None:
-        row_weight = hidden.new_ones(n, dtype=acc)
-    if row_weight is not None:
-        row_weight = row_weight.reshape(n).to(acc)
-    denom = None
-    if plan.reduction == "mean":
-        denom = row_weight.sum() if row_weight is not None else hidden.new_tensor(float(n), dtype=acc)
-    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     sched = policy.schedule(_chunk_step, hidden, weight, plan.options, _buffers(row_inputs))  # decided once
-    if torch.compiler.is_compiling():
-        # Inside a user's torch.compile: plain differentiable chunks, each checkpointed, so that AOTAutograd
-        # derives the backward (recomputing each chunk's logits) and Inductor fuses it (docs/design.md says why
-        # not the autograd.Function, and what this path costs).
-        out = _traced_forward(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
-    elif torch.is_grad_enabled() and any(needs):
-        out = _FusedLinearLoss.apply(plan, sched, needs, hidden, weight, bias, row_weight, denom,
-                                     *row_inputs, *tensor_kwargs)
-    else:
-        with torch.no_grad():
-            out = _forward(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
-    value, aux = out[0], out[1:]
-    if plan.reduction == "none":
-        value = value.reshape(*lead, *plan.row_shape)
-    aux = tuple(a.reshape(*lead, *a.shape[1:]) for a in aux)
-    return (value, aux) if plan.aux_keys else value
+    if plan.reduction == "none" or not any(needs):
+        values, aux, _ = _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs,
+                                     cotangent=None, row_weight=row_weight, needs=(False, False, False))
+        return (_reduce(plan, *values, denom), *aux), None
+    values, aux, grads = _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs,
+                                     cotangent=_reduction_scale(plan, hidden, denom), row_weight=row_weight,
+                                     needs=needs)
+    return (_reduce(plan, *values, denom), *aux), _finish_grads(grads, hidden, weight, bias)
 
 
-class _FusedLinearLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, plan, sched, needs, hidden, weight, bias, row_weight, denom, *tensors):
-        n_rows = len(tensors) - len(plan.tensor_keys)
-        row_inputs, tensor_kwargs = tensors[:n_rows], tensors[n_rows:]
-        ctx.plan, ctx.sched, ctx.needs, ctx.n_rows = plan, sched, needs, n_rows
-        # Saved for a backward that recomputes the chunks: every backward for "none" (the upstream gradient is
-        # per row and unknown until then), the second and later ones for "mean"/"sum" (retain_graph, gradcheck).
-        # The inputs are alive for the caller's backward anyway; under activation checkpointing they are
-        # recomputed only if such a backward reads them.
-        ctx.heads = {i: t for i, t in enumerate(tensors) if isinstance(t, Head)}  # not tensors: kept as is
-        ctx.save_for_backward(hidden, weight, bias, row_weight, denom,
-                              *(None if i in ctx.heads else t for i, t in enumerate(tensors)))
-        ctx.grads = None
-        if plan.reduction == "none":
-            out = _forward(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom)
-        else:
-            values, aux, grads = _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs,
-                                             cotangent=_reduction_scale(plan, hidden, denom),
-                                             row_weight=row_weight, needs=needs)
-            out = (_reduce(plan, *values, denom), *aux)
-            # handed over once, scaled in place: no full-size copy in backward (never traced: see fused_call)
-            ctx.grads = _finish_grads(grads, hidden, weight, bias)
-        ctx.mark_non_differentiable(*out[1:])
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_value, *_):
-        plan, needs = ctx.plan, ctx.needs
-        if torch.is_grad_enabled():  # create_graph=True: these gradients are not differentiable
-            raise checks.double_backward_error(plan.name)
-        if ctx.grads is not None:
-            grads, ctx.grads = ctx.grads, None
-            ops.scale_(grads, grad_value)
-        else:
-            hidden, weight, bias, row_weight, denom, *tensors = ctx.saved_tensors
-            tensors = [ctx.heads.get(i, t) for i, t in enumerate(tensors)]
-            row_inputs, tensor_kwargs = tensors[: ctx.n_rows], tensors[ctx.n_rows:]
-            cotangent = grad_value.to(accumulation_dtype(hidden))
-            if plan.reduction != "none":
-                cotangent = cotangent * _reduction_scale(plan, hidden, denom)
-            _, _, grads = _chunk_loop(plan, ctx.sched, hidden, weight, bias, row_inputs, tensor_kwargs,
-                                      cotangent=cotangent,
-                                      row_weight=row_weight if plan.returns == "mean" else None, needs=needs)
-            grads = _finish_grads(grads, hidden, weight, bias)
-        return (None, None, None, *grads, None, None) + (None,) * (len(ctx.needs_input_grad) - 8)
+def backward(plan: Plan, grad_value, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom, needs):
+    """The gradients ``(grad_hidden, grad_weight, grad_bias)`` (``None`` where not ``needs``), recomputing every
+    chunk: ``reduction="none"`` (the upstream gradient is per row), or a second backward of a reduced loss."""
+    sched = policy.schedule(_chunk_step, hidden, weight, plan.options, _buffers(row_inputs))
+    cotangent = grad_value.to(accumulation_dtype(hidden))
+    if plan.reduction != "none":
+        cotangent = cotangent * _reduction_scale(plan, hidden, denom)
+    _, _, grads = _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, cotangent=cotangent,
+                              row_weight=row_weight if plan.returns == "mean" else None, needs=needs)
+    return _finish_grads(grads, hidden, weight, bias)
 
 
 def _reduction_scale(plan, hidden, denom):
@@ -182,31 +113,17 @@ def _mean_scale(denom):
     return torch.where(denom == 0, 0.0, 1.0 / denom)
 
 
-def _forward(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom):
-    values, aux, _ = _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs,
-                                 cotangent=None, row_weight=row_weight, needs=(False, False, False))
-    return (_reduce(plan, *values, denom), *aux)
-
-
-def _traced_forward(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom):
-    """The values of ``_chunk_loop``, differentiable, for tracing by torch.compile."""
+def values_of(plan: Plan, logits, row_inputs, tensor_kwargs):
+    """``plan``'s row function on ``logits`` (the fused operator's fake implementation runs it on fake tensors
+    for the outputs' dtypes and shapes), its value checked."""
     kwargs = dict(plan.kwargs, **dict(zip(plan.tensor_keys, tensor_kwargs)))
-    total, pieces, aux_pieces = hidden.new_zeros((), dtype=accumulation_dtype(hidden)), [], []
-    for start, end in sched.bounds:
-        rows_c = _rows(row_inputs, start, end)  # frozen heads' logits are computed (and recomputed) inside
-        value, aux = checkpoint(_chunk_values, plan.fn, kwargs, plan.row_keys, hidden[start:end], weight, bias,
-                                rows_c, use_reentrant=False)
-        _check_value(plan, value, end - start)
-        aux_pieces.append(aux)
-        chunk_weight = row_weight[start:end].sum() if plan.returns == "mean" else None
-        total = _accumulate(plan, total, pieces, value, chunk_weight)
-    values = torch.cat(pieces) if plan.reduction == "none" else total
-    aux = tuple(torch.cat(bucket).detach() for bucket in zip(*aux_pieces))
-    return (_reduce(plan, values, value.dtype, denom), *aux)
+    value, aux = _apply(plan.fn, kwargs, plan.row_keys, logits, row_inputs)
+    _check_value(plan, value, logits.shape[0])
+    return value, aux
 
 
-def _chunk_values(fn, kwargs, row_keys, hidden, weight, bias, row_inputs):
-    return _apply(fn, kwargs, row_keys, ops.linear(hidden, weight, bias), _materialize(row_inputs))
+def with_kwargs(plan: Plan, kwargs: dict) -> Plan:
+    return dataclasses.replace(plan, kwargs=dict(plan.kwargs, **kwargs))
 
 
 def _apply(fn, kwargs, row_keys, logits, row_inputs):
@@ -234,7 +151,7 @@ def _reduce(plan, values, out_dtype, denom):
 
 
 def _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotangent, row_weight, needs):
-    """The eager loop over chunks (inside a user's torch.compile, ``_traced_forward`` loops instead).
+    """The loop over chunks.
 
     cotangent: None (values only), a 0-d scale for every row, or per-row ``(N,)`` upstream gradients.
     Returns ((values, dtype of fn's values), aux, (grad_hidden, grad_weight fp32, grad_bias fp32)); values

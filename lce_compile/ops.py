@@ -88,69 +88,14 @@ def _fp32_reductions():
         flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction = saved
 
 
-@torch.library.custom_op("lce_compile::linear", mutates_args=())
-def _traced_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear with fp32 reductions, as one opaque op inside a user's torch.compile: the flag is read when
-    cuBLAS runs, so it has to be set there rather than in traced code."""
-    with _fp32_reductions():
-        return torch.nn.functional.linear(hidden, weight, bias)
-
-
-@torch.library.custom_op("lce_compile::mm", mutates_args=())
-def _traced_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    with _fp32_reductions():
-        return torch.mm(a, b)
-
-
-@_traced_linear.register_fake
-def _(hidden, weight, bias):
-    return hidden.new_empty(hidden.shape[0], weight.shape[0])
-
-
-@_traced_mm.register_fake
-def _(a, b):
-    return a.new_empty(a.shape[0], b.shape[1])
-
-
-def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias = inputs
-    ctx.save_for_backward(hidden, weight)
-    ctx.has_bias = bias is not None
-
-
-def _linear_backward(ctx, grad):
-    hidden, weight = ctx.saved_tensors
-    grad_hidden = _traced_mm(grad, weight) if ctx.needs_input_grad[0] else None
-    grad_weight = _traced_mm(grad.t(), hidden) if ctx.needs_input_grad[1] else None
-    grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return grad_hidden, grad_weight, grad_bias
-
-
-def _mm_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _mm_backward(ctx, grad):
-    a, b = ctx.saved_tensors
-    return (_traced_mm(grad, b.t()) if ctx.needs_input_grad[0] else None,
-            _traced_mm(a.t(), grad) if ctx.needs_input_grad[1] else None)
-
-
-_traced_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
-_traced_mm.register_autograd(_mm_backward, setup_context=_mm_setup)
-
-
 def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``hidden @ weight.T + bias`` for one chunk, (C, V).
 
     CPU BLAS runs ``weight @ hidden.T`` (V x C, no transposed operand) 1.3-1.6x faster than
     ``hidden @ weight.T`` at chunk sizes of 128-256 rows, so there the logits are its transposed view.
-    On CUDA with fp32 reductions: eagerly the chunk loop runs within :func:`fp32_reductions`; inside a user's
-    ``torch.compile`` the matmul is an op that sets them itself, and so are the matmuls of its backward.
+    On CUDA the chunk loop runs within :func:`fp32_reductions`.
     """
     if hidden.device.type != "cpu":
-        if torch.compiler.is_compiling() and hidden.device.type == "cuda" and hidden.element_size() == 2:
-            return _traced_linear(hidden, weight, bias)
         return torch.nn.functional.linear(hidden, weight, bias)
     if bias is None:
         return torch.mm(weight, hidden.t()).t()

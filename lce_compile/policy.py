@@ -95,13 +95,13 @@ class Schedule:
 
     bounds: tuple              # (start, end) rows of each chunk
     compiled: bool             # whether the chunk step is compiled
-    step: Callable | None      # the step for non-empty chunks (compiled, with a fallback, or eager); None traced
+    step: Callable             # the step for non-empty chunks (compiled, with a fallback, or eager)
     grad_weight_dtype: torch.dtype  # the weight gradient's accumulator across chunks
     device: torch.device
 
     def step_for(self, rows: int, eager: Callable) -> Callable:
         """The step for a chunk of ``rows`` rows: empty chunks run eagerly (no graph is worth specializing)."""
-        return self.step if rows and self.step is not None else eager
+        return self.step if rows else eager
 
     def context(self):
         """What the loop runs within: a raised recompile limit while compiling, fp32 matmul reductions on CUDA,
@@ -119,8 +119,6 @@ def schedule(step: Callable, hidden: torch.Tensor, weight: torch.Tensor, options
     ``buffers``: (C, V) logits buffers a chunk holds (1, plus one per frozen head)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     bounds = tuple(chunk_bounds(n, chunk_rows(weight, options, buffers)))
-    if torch.compiler.is_compiling():  # traced into the user's graph: no step of ours runs
-        return Schedule(bounds, False, None, grad_weight_dtype(weight, options), hidden.device)
     compiled = wants_compile(hidden.device, options, n * vocab)
     run = chunk_function(step, compiled, hidden.device, forced=options.compile is True)
     return Schedule(bounds, compiled, run, grad_weight_dtype(weight, options), hidden.device)
@@ -155,29 +153,11 @@ def chunk_rows(weight: torch.Tensor, options: FusedOptions, buffers: int = 1) ->
     return rows // 128 * 128 if rows >= 256 else max(16, rows // 16 * 16)
 
 
-# Chunks unrolled into a user's torch.compile graph. Measured on the CPU (2 cores, torch 2.13, cold Inductor
-# cache): see docs/design.md. Inside a compiled graph Inductor may keep every chunk's logits live at once (it fuses
-# their reductions: measured on an H200), so more chunks would buy compile time, not memory.
-_TRACED_MAX_CHUNKS = 4
-
-
 def chunk_bounds(n, chunk: int):
-    """(start, end) of near-equal chunks of at most ``chunk`` rows.
-
-    Inside ``torch.compile`` the loop is unrolled into the user's graph, so the count is a power of two of at
-    most ``_TRACED_MAX_CHUNKS`` (chunks grow beyond ``chunk`` rows past that): it changes only when ``n`` crosses
-    ``chunk * 2**k``, so a symbolic ``n`` guards on that range rather than on ``n`` itself; recompiles are at most
-    ``log2(_TRACED_MAX_CHUNKS) + 1`` and the compile time does not grow with ``n``. Eagerly it is the smallest
-    count that fits.
-    """
+    """(start, end) of the fewest near-equal chunks of at most ``chunk`` rows."""
     if n == 0:
         return [(0, 0)]
-    if torch.compiler.is_compiling():
-        count = 1
-        while count * chunk < n and count < _TRACED_MAX_CHUNKS:
-            count *= 2
-    else:
-        count = -(-n // chunk)
+    count = -(-n // chunk)
     return [(k * n // count, (k + 1) * n // count) for k in range(count)]
 
 
@@ -209,8 +189,8 @@ def _compiled(step):
 
 
 def chunk_function(step, compiled: bool, device: torch.device, forced: bool = False):
-    """``step`` compiled, or ``step`` itself. Never called inside a user's ``torch.compile``: that path is
-    engine._traced_forward.
+    """``step`` compiled, or ``step`` itself. Called by the fused operator's body, which a user's
+    ``torch.compile`` never traces.
 
     ``forced``: the user asked for ``compile=True``. Otherwise a CPU without a working C++ compiler (Inductor's
     CPU code is C++) falls back to eager chunks, once, with a warning.

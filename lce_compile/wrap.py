@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.nn import _reduction
 
 from . import checks, parallel, policy
-from .engine import Plan, fused_call
+from .engine import Plan
+from .boundary import fused_call
 from .losses.cross_entropy import linear_cross_entropy
 from .losses._rows import class_weight_at, kept_row_weight, target_logit, widen
 from .policy import DEFAULT_OPTIONS, FusedOptions

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from .. import checks, parallel
-from ..engine import Plan, fused_call
+from ..engine import Plan
+from ..boundary import fused_call
 from ..parallel import LOCAL
 from ..policy import DEFAULT_OPTIONS, FusedOptions
 from ._aux import AuxOutput, AuxRequest, aux_keys as requested_aux

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .. import checks, parallel, policy
-from ..engine import Head, Plan, fused_call
+from ..engine import Head, Plan
+from ..boundary import fused_call
 from ..parallel import LOCAL
 from ..policy import DEFAULT_OPTIONS, FusedOptions
 from ._rows import target_log_prob, widen

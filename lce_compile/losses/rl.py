@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checks, parallel
-from ..engine import Plan, accumulation_dtype, fused_call
+from ..engine import Plan, accumulation_dtype
+from ..boundary import fused_call
 from ..parallel import LOCAL
 from ..policy import DEFAULT_OPTIONS, FusedOptions
 from ._aux import AuxOutput, AuxRequest, aux_keys, stats_request
