@@ -144,8 +144,7 @@ def _unpack(plan_id, numbers, tensors):
 
 # ---- the operators -----------------------------------------------------------------------------------------
 
-@torch.library.custom_op("lce_compile::fused_linear_loss", mutates_args=())
-def _fused(plan: int, numbers: list[float], needs: list[bool], hidden: torch.Tensor, weight: torch.Tensor,
+def _forward_body(plan: int, numbers: list[float], needs: list[bool], hidden: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor | None, row_weight: torch.Tensor | None, denom: torch.Tensor | None,
            tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """[value, ticket, *aux] of one fused call over hidden (N, D); see the module docstring."""
@@ -157,6 +156,9 @@ def _fused(plan: int, numbers: list[float], needs: list[bool], hidden: torch.Ten
     if grads is not None:
         _hand_over(ticket, grads)
     return [out[0], ticket, *out[1:]]
+
+
+_fused = torch.library.custom_op("lce_compile::fused_linear_loss", _forward_body, mutates_args=())
 
 
 @_fused.register_fake
@@ -171,8 +173,7 @@ def _(plan, numbers, needs, hidden, weight, bias, row_weight, denom, tensors):
     return [torch.empty_like(value), hidden.new_empty(1), *(torch.empty_like(a) for a in aux)]
 
 
-@torch.library.custom_op("lce_compile::fused_linear_loss_backward", mutates_args=())
-def _fused_backward(plan: int, numbers: list[float], needs: list[bool], grad_value: torch.Tensor,
+def _backward_body(plan: int, numbers: list[float], needs: list[bool], grad_value: torch.Tensor,
                     ticket: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     row_weight: torch.Tensor | None, denom: torch.Tensor | None,
                     tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -186,6 +187,15 @@ def _fused_backward(plan: int, numbers: list[float], needs: list[bool], grad_val
             grads = engine.backward(plan_, grad_value, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight,
                                     denom, tuple(needs))
     return [g for g in grads if g is not None]
+
+
+_fused_backward = torch.library.custom_op("lce_compile::fused_linear_loss_backward", _backward_body,
+                                          mutates_args=())
+
+# What the operators run, for a dispatch mode that wants to see every op inside them (a mode sees the operator
+# as one op, and runs it with itself set aside): ``with mode: BODIES[func](*args, **kwargs)``.
+BODIES = {torch.ops.lce_compile.fused_linear_loss.default: _forward_body,
+          torch.ops.lce_compile.fused_linear_loss_backward.default: _backward_body}
 
 
 @_fused_backward.register_fake

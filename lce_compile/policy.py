@@ -53,9 +53,7 @@ class FusedOptions:
             chunking, for debugging.
         validate (bool): check target values (range) before the chunk loop. This reads one scalar back
             from the device; it is skipped inside ``torch.compile``. Unchecked out-of-range targets give a
-            NaN loss in :func:`linear_cross_entropy` (``fused_loss(F.cross_entropy)`` with class weights or
-            label smoothing: PyTorch's own error, an ``IndexError`` on the CPU, a device-side assert on CUDA).
-            Default: ``True``.
+            NaN loss (never an error from inside the chunk loop). Default: ``True``.
         grad_weight_dtype (torch.dtype, optional): the weight gradient's accumulator across chunks.
             ``torch.float32`` rounds a 16-bit gradient once instead of once per chunk (TRL's choice), at the
             cost of an fp32 ``(V, D)`` buffer: twice a bf16 gradient's bytes, plus a cast. Default: fp32 on the

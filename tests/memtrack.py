@@ -5,6 +5,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from lce_compile.boundary import BODIES
+
 
 class AllocationTracker(TorchDispatchMode):
     """Tracks storages that ops create while active (CPU backward runs on this thread, so it counts too).
@@ -21,6 +23,10 @@ class AllocationTracker(TorchDispatchMode):
         self._seen = {t.untyped_storage().data_ptr() for t in inputs}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        body = BODIES.get(func)
+        if body is not None:  # a fused operator: count what its body allocates, op by op
+            with self:
+                return body(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":

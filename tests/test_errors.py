@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lce_compile import (FusedOptions, LinearCrossEntropyLoss, fused_loss, linear_cross_entropy, linear_dpo_loss,
-                         linear_grpo_loss, linear_kd_loss, linear_token_logprobs)
+from lce_compile import (FusedOptions, LinearCrossEntropyLoss, LinearDPOLoss, LinearGRPOLoss, fused_loss,
+                         linear_cross_entropy, linear_dpo_loss, linear_grpo_loss, linear_kd_loss, linear_token_logprobs)
 
 H, W, T = torch.randn(4, 8), torch.randn(11, 8), torch.randint(0, 11, (4,))
 
@@ -170,3 +170,20 @@ def test_meta_device_runs_shapes_only():
     loss.backward()
     assert loss.device.type == "meta" and hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
 
+
+
+@pytest.mark.parametrize("call", [
+    lambda h3, ids, mask, adv: linear_grpo_loss(h3, W, ids, mask, adv, beta=0.0, return_stats=True),
+    lambda h3, ids, mask, adv: linear_dpo_loss(h3, W, ids, mask, adv, return_stats=True),
+    lambda h3, ids, mask, adv: LinearGRPOLoss(return_stats=True)(h3, W, ids, mask, adv),
+    lambda h3, ids, mask, adv: LinearDPOLoss(return_stats=True)(h3, W, ids, mask, adv),
+    lambda h3, ids, mask, adv: linear_kd_loss(student_hidden=H, student_weight=W, student_bias=torch.zeros(11),
+                                              teacher_hidden=torch.randn(4, 6), teacher_weight=torch.randn(11, 6)),
+], ids=["grpo_return_stats", "dpo_return_stats", "LinearGRPOLoss_return_stats", "LinearDPOLoss_return_stats",
+        "kd_student_keywords"])
+def test_deprecation_warnings_name_the_removal_version(call):
+    h3, ids, mask, adv = torch.randn(2, 3, 8), torch.randint(0, 11, (2, 3)), torch.ones(2, 3), torch.randn(2)
+    with pytest.warns(DeprecationWarning) as record:
+        call(h3, ids, mask, adv)
+    messages = [str(w.message) for w in record if issubclass(w.category, DeprecationWarning)]
+    assert messages and all("0.2.0" in message for message in messages), messages

@@ -52,7 +52,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m lce_compile.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Time, peak memory and accuracy of fused linear + cross-entropy implementations.\n"
+        description="Time, peak memory and accuracy of fused linear + loss implementations, per loss family.\n"
                     "Each (shape, method) is measured in fresh worker processes.",
         epilog="shapes (N tokens, D hidden, V vocab):\n"
                + "\n".join(f"  {k:14s}N={n} D={d} V={v}" for k, (n, d, v) in SHAPES.items())

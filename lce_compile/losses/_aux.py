@@ -1,7 +1,7 @@
 """The one request type for optional outputs beside a loss: ``return_aux=AuxRequest(...)`` -> ``(loss, AuxOutput)``.
 
 Each loss supports the fields that mean something for it and refuses the others by name, so one spelling serves
-every loss (as FlexAttention's ``return_aux`` replaced its ``return_lse`` bool)."""
+every loss that has optional outputs (as FlexAttention's ``return_aux`` replaced its ``return_lse`` bool)."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +23,7 @@ class AuxRequest:
         log_sum_sq_probs, mean_logits, is_top1 (bool): token log-probs: ``log sum_v p_v ** 2``, the mean of the
             (transformed) logits, whether the token is the first argmax.
     For logging:
-        stats (bool): GRPO and DPO: a dict of detached scalars (see each loss).
+        stats (bool): GRPO and DPO: a dict of detached logging values (see each loss).
     """
 
     loss: bool = False
@@ -66,12 +66,12 @@ def aux_keys(name: str, return_aux, supported: tuple) -> tuple:
 
 
 def stats_request(name: str, return_stats: bool, return_aux):
-    """``return_aux`` for the deprecated ``return_stats=True`` (one release), with its warning."""
+    """``return_aux`` for the deprecated ``return_stats=True`` (removed in 0.2.0), with its warning."""
     if not return_stats:
         return return_aux
     if return_aux is not None:
         raise TypeError(f"{name}: got both return_stats= and return_aux=; pass return_aux=AuxRequest(stats=True).")
     warnings.warn(f"{name}: return_stats=True is now return_aux=AuxRequest(stats=True), which returns "
-                  f"(loss, AuxOutput) with the dict in .stats; return_stats goes in the next release.",
+                  f"(loss, AuxOutput) with the dict in .stats; return_stats is removed in 0.2.0.",
                   DeprecationWarning, stacklevel=3)
     return AuxRequest(stats=True)
