@@ -1,6 +1,6 @@
 """The fused operator: what a caller, eager or inside ``torch.compile``, sees of a fused call.
 
-``fused_call`` hands the whole chunked computation to one custom operator, ``lce_compile::fused_linear_loss``,
+``call`` hands the whole chunked computation to one custom operator, ``lce_compile::fused_linear_loss``,
 with a fake (shape) implementation and an autograd formula whose backward is a second operator,
 ``lce_compile::fused_linear_loss_backward``. A user's ``torch.compile`` records one node for each and never sees
 the chunks, so Inductor cannot fuse them back into one ``(N, V)`` kernel; their bodies run the eager engine on
@@ -37,7 +37,7 @@ _EAGER_KEYS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tl
 _PYTHON_KEYS = (torch._C.DispatchKey.Python, torch._C.DispatchKey.PythonTLSSnapshot)
 
 
-def fused_call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), row_weight=None):
+def call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), row_weight=None):
     """Run ``plan`` over ``hidden (..., D)``; returns the loss, or ``(loss, aux tuple)`` if plan has aux.
 
     ``row_weight (...)``: per-row weights whose sum is the denominator of a ``"mean"`` (default: one per row).
@@ -51,7 +51,7 @@ def fused_call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), r
         row_inputs = tuple(Head(*(policy.autocast_input(t, cast) for t in r)) if isinstance(r, Head) else r
                            for r in row_inputs)
         with torch.autocast(hidden.device.type, enabled=False):
-            return fused_call(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight)
+            return call(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight)
     if policy.under_function_transform():
         raise checks.function_transform_error(plan.name)
     lead, dim = hidden.shape[:-1], hidden.shape[-1]

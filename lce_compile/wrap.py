@@ -1,4 +1,11 @@
-"""``fused_loss``: turn a loss written for full logits into a fused, chunked one."""
+"""The front door: every fused loss reaches the engine through :func:`fused_call`, and ``fused_loss(fn)`` turns
+a loss written for full logits into one.
+
+``fused_call`` does a call's setup once for every loss: the options, the vocabulary-parallel localizing of every
+input, the head, target and class-weight checks, the mean's row weights, the plan, the one fused operator
+(``boundary.call``), the aux unpacking and the DTensor outputs. A ready-made loss is its docstring, its own
+option checks, a row function and one ``fused_call``.
+"""
 from __future__ import annotations
 
 import functools
@@ -7,14 +14,77 @@ import torch
 import torch.nn.functional as F
 from torch.nn import _reduction
 
-from . import checks, parallel, policy
-from .engine import Plan
-from .boundary import fused_call
-from .losses.cross_entropy import linear_cross_entropy
-from .losses._rows import class_weight_at, kept_row_weight, target_logit, widen
+from . import boundary, checks, parallel, policy
+from .engine import Head, Plan
+from .losses._rows import ce_rows, kept_row_weight, nll_rows, widen
 from .policy import DEFAULT_OPTIONS, FusedOptions
 
 _RETURNS = ("rows", "sum", "mean")
+
+
+def fused_call(name, fn, hidden, weight, bias=None, *, targets=None, target_arg="targets", ignore_index=-100,
+               class_weight=None, class_weight_arg="class_weight", teacher=None, rows=(), row_keys=(), tensors=None,
+               static=None, returns="rows", reduction="none", mean_weight=None, aux_keys=(), row_shape=(),
+               options=None, splits=True, extras=(), local_finish=None):
+    """One fused call of the row function ``fn``, set up once for every loss.
+
+    Row inputs, in ``fn``'s order: the teacher's head ``teacher = (hidden, weight, bias)`` (its logits per chunk),
+    ``targets`` (checked in ``[0, V)`` or ``ignore_index``, as ``target_arg``; ``ignore_index=None``: none
+    ignored), then ``rows`` (the last ``len(row_keys)`` passed by keyword). ``tensors``: ``fn``'s tensor keywords
+    (whole, not split by rows); ``static``: its other keywords. ``class_weight`` is checked (``(V,)``) and passed
+    as ``class_weight=``. ``reduction="mean"`` divides by ``mean_weight (...)``, by default the kept targets'
+    count (or summed class weights). ``splits``: ``fn`` reduces over the vocabulary through its ``vocab=``, so
+    the weight may be split across ranks (``parallel.localize``); a user's function may not.
+
+    Returns the loss, or ``(loss, {aux key: per-row tensor})``, passed through ``local_finish(out, *extras)`` on
+    this rank's tensors (``extras`` localized like the inputs), then made DTensors if the inputs were.
+    """
+    options = _options(name, options)
+    if not splits and parallel.is_split(weight):
+        parallel.check_generic(name, weight)
+    tensors, static = dict(tensors or {}), dict(static or {})
+    t_hidden, t_weight, t_bias = teacher or (None, None, None)
+    hidden, weight, bias, others, vocab, finish = parallel.localize(
+        name, hidden, weight, bias, targets, class_weight, mean_weight, t_hidden, *rows, *tensors.values(), *extras)
+    targets, class_weight, mean_weight, t_hidden = others[:4]
+    rows, others = others[4: 4 + len(rows)], others[4 + len(rows):]
+    tensors, extras = dict(zip(tensors, others[: len(tensors)])), others[len(tensors):]
+    checks.check_head(name, hidden, weight, bias)
+    size = vocab.total(weight)
+    row_inputs = ()
+    if teacher is not None:
+        t_weight, t_bias = parallel.localize_like(name, vocab, t_weight, t_bias, "teacher_")
+        checks.check_head(name, t_hidden, t_weight, t_bias, prefix="teacher_")
+        checks.check_teacher(name, hidden, weight, t_hidden, t_weight)
+        row_inputs += (Head(t_hidden, t_weight, t_bias),)
+    if targets is not None:
+        checks.check_targets(name, targets, hidden, size, ignore_index, options.validate, arg=target_arg)
+        targets = targets.long()
+        row_inputs += (targets,)
+    checks.check_class_weight(name, class_weight_arg, class_weight, hidden, size)
+    if class_weight is not None:
+        tensors["class_weight"] = class_weight
+    checks.check_reduction(name, reduction)
+    if reduction == "mean" and mean_weight is None and targets is not None:
+        mean_weight = kept_row_weight(targets, -100 if ignore_index is None else ignore_index, class_weight)
+    if splits:
+        static["vocab"] = vocab
+    plan = Plan(name, fn, returns, reduction, static, options, tuple(tensors), tuple(row_keys), tuple(aux_keys),
+                tuple(row_shape))
+    out = boundary.call(plan, hidden, weight, bias, (*row_inputs, *rows), tuple(tensors.values()),
+                        mean_weight if reduction == "mean" or returns == "mean" else None)
+    if aux_keys:
+        out = out[0], dict(zip(aux_keys, out[1]))
+    if local_finish is not None:
+        out = local_finish(out, *extras)
+    return finish(out)
+
+
+def _options(name, options) -> FusedOptions:
+    options = options or DEFAULT_OPTIONS
+    if not isinstance(options, FusedOptions):
+        raise TypeError(f"{name}: options must be FusedOptions, got {type(options).__name__}.")
+    return options
 
 
 def fused_loss(fn=None, /, *, returns: str = "rows", mean_over=None, upcast: bool = True,
@@ -101,15 +171,8 @@ class FusedLoss:
         return f"{self.name[:-1]}, returns={self.returns!r})"
 
     def __call__(self, hidden, weight, /, *row_inputs, bias=None, options=None, **kwargs):
-        options = options or self.options or DEFAULT_OPTIONS
-        if not isinstance(options, FusedOptions):
-            raise TypeError(f"{self.name}: options must be FusedOptions, got {type(options).__name__}.")
+        options = _options(self.name, options or self.options)
         form = _KNOWN.get(self.fn) if self.returns == "rows" else None
-        if parallel.is_split(weight):
-            if form is None:
-                parallel.check_generic(self.name, weight)
-        else:
-            checks.check_head(self.name, hidden, weight, bias)
         if form is not None:
             return form(self, hidden, weight, bias, row_inputs, kwargs, options)
         return self._generic(hidden, weight, bias, row_inputs, kwargs, options)
@@ -129,14 +192,14 @@ class FusedLoss:
         lead = hidden.shape[:-1]
         row_kw = {k: v for k, v in tensors.items() if v.shape[: len(lead)] == lead}
         tensors = {k: v for k, v in tensors.items() if k not in row_kw}
-        row_weight = None
+        mean_weight = None
         if self.mean_over is not None:
-            row_weight = self.mean_over(*row_inputs)
-            checks.check_rows(self.name, "mean_over(...)", row_weight, hidden)
+            mean_weight = self.mean_over(*row_inputs)
+            checks.check_rows(self.name, "mean_over(...)", mean_weight, hidden)
         reduction = {"rows": "none", "sum": "sum", "mean": "mean"}[self.returns]
-        plan = Plan(self.name, self.row_fn, self.returns, reduction, static, options, tuple(tensors), tuple(row_kw))
-        return fused_call(plan, hidden, weight, bias, (*row_inputs, *row_kw.values()), tuple(tensors.values()),
-                          row_weight)
+        return fused_call(self.name, self.row_fn, hidden, weight, bias, rows=(*row_inputs, *row_kw.values()),
+                          row_keys=tuple(row_kw), tensors=tensors, static=static, returns=self.returns,
+                          reduction=reduction, mean_weight=mean_weight, options=options, splits=False)
 
 
 def _row_names(fn, count):
@@ -145,7 +208,8 @@ def _row_names(fn, count):
 
 
 def _class_index_form(self, hidden, weight, bias, row_inputs, kwargs, options):
-    """F.cross_entropy / F.nll_loss: rows from reduction='none', PyTorch's weighted global mean."""
+    """F.cross_entropy / F.nll_loss: their keywords on the ready-made rows, one behaviour whatever the weight's
+    layout (unchecked out-of-range targets give NaN); "mean" is PyTorch's weighted global mean."""
     fn = self.fn
     checks.check_keywords(self.name, fn, len(row_inputs), kwargs)
     names = checks.positional_names(fn)[1:]  # target, weight, size_average, ignore_index, ...
@@ -158,57 +222,16 @@ def _class_index_form(self, hidden, weight, bias, row_inputs, kwargs, options):
     args.update(kwargs)
     if "target" not in args:
         raise TypeError(f"{self.name}: missing targets; call it as (hidden, weight, targets, ...).")
-    targets, class_weight = args["target"], args.get("weight")
-    ignore_index = args.get("ignore_index", -100)
     reduction = args.get("reduction", "mean")
     if args.get("size_average") is not None or args.get("reduce") is not None:
         reduction = _reduction.legacy_get_string(args.get("size_average"), args.get("reduce"), emit_warning=False)
-    if parallel.is_split(weight):  # the vocabulary-parallel rows of the ready-made losses
-        if fn is F.cross_entropy:
-            return linear_cross_entropy(hidden, weight, targets, bias=bias, class_weight=class_weight,
-                                        ignore_index=ignore_index, label_smoothing=args.get("label_smoothing", 0.0),
-                                        reduction=reduction, options=options)
-        return _split_nll(self.name, hidden, weight, bias, targets, class_weight, ignore_index, reduction, options)
-    vocab = weight.shape[0]
-    checks.check_targets(self.name, targets, hidden, vocab, ignore_index, options.validate)
-    targets = targets.long()
-    checks.check_class_weight(self.name, "weight", class_weight, hidden, vocab)
-    checks.check_reduction(self.name, reduction)
-    static = {"ignore_index": ignore_index, "reduction": "none"}
-    if "label_smoothing" in args:
-        static["label_smoothing"] = args["label_smoothing"]
-    row_weight = kept_row_weight(targets, ignore_index, class_weight) if reduction == "mean" else None
-    if class_weight is not None:  # F.cross_entropy wants the logits' dtype
-        matmul_dtype = policy.autocast_dtype(hidden.device) or hidden.dtype
-        logits_dtype = torch.promote_types(matmul_dtype, torch.float32) if self.upcast else matmul_dtype
-        class_weight = class_weight.to(logits_dtype)
-    tensors = {} if class_weight is None else {"weight": class_weight}
-    plan = Plan(self.name, self.row_fn, "rows", reduction, static, options, tuple(tensors))
-    return fused_call(plan, hidden, weight, bias, (targets,), tuple(tensors.values()), row_weight)
-
-
-def _nll_rows(logits, targets, *, class_weight=None, ignore_index=-100, vocab=parallel.LOCAL):
-    """F.nll_loss's rows (the logits read as log-probabilities), as a sum over a vocabulary that may be split."""
-    z = widen(logits)
-    loss = -target_logit(z, targets, vocab)
-    if class_weight is not None:
-        loss = loss * class_weight_at(class_weight.to(z.dtype), targets)
-    return torch.where(targets != ignore_index, loss, 0.0)
-
-
-def _split_nll(name, hidden, weight, bias, targets, class_weight, ignore_index, reduction, options):
-    hidden, weight, bias, (targets, class_weight), vocab, finish = parallel.localize(
-        name, hidden, weight, bias, targets, class_weight)
-    checks.check_head(name, hidden, weight, bias)
-    checks.check_targets(name, targets, hidden, vocab.total(weight), ignore_index, options.validate)
-    targets = targets.long()
-    checks.check_class_weight(name, "weight", class_weight, hidden, vocab.total(weight))
-    checks.check_reduction(name, reduction)
-    row_weight = kept_row_weight(targets, ignore_index, class_weight) if reduction == "mean" else None
-    tensors = {} if class_weight is None else {"class_weight": class_weight}
-    plan = Plan(name, _nll_rows, "rows", reduction, {"ignore_index": ignore_index, "vocab": vocab}, options,
-                tuple(tensors))
-    return finish(fused_call(plan, hidden, weight, bias, (targets,), tuple(tensors.values()), row_weight))
+    static = {"ignore_index": args.get("ignore_index", -100), "upcast": self.upcast}
+    rows_fn = nll_rows
+    if fn is F.cross_entropy:
+        rows_fn, static["label_smoothing"] = ce_rows, float(args.get("label_smoothing", 0.0))
+    return fused_call(self.name, rows_fn, hidden, weight, bias, targets=args["target"],
+                      ignore_index=static["ignore_index"], class_weight=args.get("weight"), class_weight_arg="weight",
+                      static=static, reduction=reduction, options=options)
 
 
 _KNOWN = {F.cross_entropy: _class_index_form, F.nll_loss: _class_index_form}

@@ -70,7 +70,10 @@ ValueError: linear_cross_entropy: class_weight must have shape (V,) = (11,), got
         self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W, T, reduction="avg")), """\
 ValueError: linear_cross_entropy: reduction must be one of 'mean', 'sum', 'none', got 'avg'.""")
         self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W, T, softcap=-1.0)), """\
-ValueError: linear_cross_entropy: softcap must be a positive float or None, got -1.0.""")
+ValueError: linear_cross_entropy: softcap must be a positive finite float or None, got -1.0.""")
+        # one check of the logit transforms for every loss
+        self.assertExpectedInline(_message(lambda: linear_token_logprobs(H, W, T, logit_scale=-1.0)), """\
+ValueError: linear_token_logprobs: logit_scale must be a positive finite float, got -1.0.""")
         self.assertExpectedInline(_message(lambda: linear_cross_entropy(H, W, T, logit_scale=0.0)), """\
 ValueError: linear_cross_entropy: logit_scale must be a positive finite float, got 0.0.""")
         self.assertExpectedInline(_message(lambda: FusedOptions(chunk_size=0)), """\

@@ -1,9 +1,22 @@
 """Row math shared by the losses: each function works on one chunk's rows (or on whole per-token tensors)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..parallel import LOCAL
+
+
+def check_transform(name, logit_scale, softcap) -> None:
+    """The logit transforms, one check for every loss: ``logit_scale`` a positive finite float (a negative one
+    would flip the distribution), ``softcap`` a positive finite float or None."""
+    if isinstance(logit_scale, bool) or not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale)
+                                             and logit_scale > 0):
+        raise ValueError(f"{name}: logit_scale must be a positive finite float, got {logit_scale!r}.")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not 0 < softcap < math.inf):
+        raise ValueError(f"{name}: softcap must be a positive finite float or None, got {softcap!r}.")
 
 
 def widen(logits):
@@ -69,3 +82,56 @@ def k3_kl(ref_logprobs, logprobs):
     """The k3 estimate of KL(policy || reference) per token: ``exp(d) - d - 1`` with ``d = ref - logp``."""
     delta = ref_logprobs - logprobs
     return torch.exp(delta) - delta - 1
+
+
+def ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoothing=0.0, logit_scale=1.0,
+            softcap=None, z_loss=0.0, upcast=True, aux_keys=(), vocab=LOCAL):
+    """One chunk of cross-entropy: logits (C, V) -> per-row loss (C,) in fp32, plus requested aux. Ignored rows
+    give 0.
+
+    F.cross_entropy's per-row loss, written as sums over the vocabulary (so that a vocabulary shard's rows
+    compute it too): ``(1 - eps) * w[t] * (lse - z[t]) + eps / V * sum_v w[v] * (lse - z[v])``.
+    ``upcast=False`` returns the loss in the logits' dtype (``fused_loss(F.cross_entropy, upcast=False)``),
+    computed in fp32 as PyTorch's 16-bit cross-entropy accumulates.
+    """
+    if not upcast:
+        out = ce_rows(logits, targets, class_weight=class_weight, ignore_index=ignore_index,
+                      label_smoothing=label_smoothing, logit_scale=logit_scale, softcap=softcap, z_loss=z_loss,
+                      aux_keys=aux_keys, vocab=vocab)
+        return out.to(logits.dtype) if not aux_keys else (out[0].to(logits.dtype), out[1])
+    z = widen(logits)
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    kept = targets != ignore_index
+    logp, lse = target_log_prob(z, targets, vocab)  # NaN where out of range, ignored rows included
+    loss = -logp
+    if class_weight is not None:  # the full (V,) weights on every rank
+        loss = loss * class_weight_at(class_weight.to(z.dtype), targets)
+    if label_smoothing:
+        if class_weight is None:
+            smooth = lse * vocab.size(z) - vocab.sum(z)
+        else:
+            smooth = lse * class_weight.to(z.dtype).sum() - vocab.sum(vocab.local(class_weight).to(z.dtype) * z)
+        loss = (1 - label_smoothing) * loss + label_smoothing / vocab.size(z) * smooth
+    loss = torch.where(kept, loss, 0.0)
+    if z_loss:
+        loss = loss + z_loss * lse.square() * kept
+    if not aux_keys:
+        return loss
+    stats = {"loss": loss, "lse": lse}
+    if "correct" in aux_keys:
+        stats["correct"] = (vocab.argmax(z) == targets) & kept
+    return loss, tuple(stats[key].detach() for key in aux_keys)
+
+
+def nll_rows(logits, targets, *, class_weight=None, ignore_index=-100, upcast=True, vocab=LOCAL):
+    """F.nll_loss's rows (the logits read as log-probabilities), as a sum over a vocabulary that may be split."""
+    z = widen(logits)
+    in_range = (targets >= 0) & (targets < vocab.size(z))
+    loss = torch.where(in_range, -target_logit(z, targets, vocab), float("nan"))  # unchecked: NaN, as in CE
+    if class_weight is not None:
+        loss = loss * class_weight_at(class_weight.to(z.dtype), targets)
+    loss = torch.where(targets != ignore_index, loss, 0.0)
+    return loss if upcast else loss.to(logits.dtype)

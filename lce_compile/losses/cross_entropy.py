@@ -1,55 +1,17 @@
 """Fused linear cross-entropy: softcap, z-loss, label smoothing, class weights, bias, per-token stats."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from .. import checks, parallel
-from ..engine import Plan
-from ..boundary import fused_call
-from ..parallel import LOCAL
-from ..policy import DEFAULT_OPTIONS, FusedOptions
+from .. import checks
+from ..policy import FusedOptions
+from ..wrap import fused_call
 from ._aux import AuxOutput, AuxRequest, aux_keys as requested_aux
-from ._rows import class_weight_at, kept_row_weight, target_log_prob, widen
+from ._rows import ce_rows, check_transform
 
 _NAME = "linear_cross_entropy"
 _AUX = ("loss", "lse", "correct")  # the AuxRequest fields cross-entropy gives
-
-
-def _ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoothing=0.0, logit_scale=1.0,
-             softcap=None, z_loss=0.0, aux_keys=(), vocab=LOCAL):
-    """One chunk: logits (C, V) -> per-row loss (C,) in fp32, plus requested aux. Ignored rows give 0.
-
-    F.cross_entropy's per-row loss, written as sums over the vocabulary (so that a vocabulary shard's rows
-    compute it too): ``(1 - eps) * w[t] * (lse - z[t]) + eps / V * sum_v w[v] * (lse - z[v])``.
-    """
-    z = widen(logits)
-    if logit_scale != 1.0:
-        z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    kept = targets != ignore_index
-    logp, lse = target_log_prob(z, targets, vocab)  # NaN where out of range, ignored rows included
-    loss = -logp
-    if class_weight is not None:  # the full (V,) weights on every rank
-        loss = loss * class_weight_at(class_weight.to(z.dtype), targets)
-    if label_smoothing:
-        if class_weight is None:
-            smooth = lse * vocab.size(z) - vocab.sum(z)
-        else:
-            smooth = lse * class_weight.to(z.dtype).sum() - vocab.sum(vocab.local(class_weight).to(z.dtype) * z)
-        loss = (1 - label_smoothing) * loss + label_smoothing / vocab.size(z) * smooth
-    loss = torch.where(kept, loss, 0.0)
-    if z_loss:
-        loss = loss + z_loss * lse.square() * kept
-    if not aux_keys:
-        return loss
-    stats = {"loss": loss, "lse": lse}
-    if "correct" in aux_keys:
-        stats["correct"] = (vocab.argmax(z) == targets) & kept
-    return loss, tuple(stats[key].detach() for key in aux_keys)
 
 
 def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=None, ignore_index: int = -100,
@@ -95,36 +57,23 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
         Target values are checked (``ValueError``) before the chunk loop, at the cost of one read-back;
         inside ``torch.compile`` or with ``FusedOptions(validate=False)`` they are not.
     """
-    options = options or DEFAULT_OPTIONS
-    hidden, weight, bias, (targets, class_weight), vocab, finish = parallel.localize(
-        _NAME, hidden, weight, bias, targets, class_weight)
-    checks.check_head(_NAME, hidden, weight, bias)
-    size = vocab.total(weight)
-    checks.check_targets(_NAME, targets, hidden, size, ignore_index, options.validate)
-    targets = targets.long()
-    checks.check_class_weight(_NAME, "class_weight", class_weight, hidden, size)
-    checks.check_reduction(_NAME, reduction)
     _check_options(label_smoothing, logit_scale, softcap, z_loss, return_aux)
     aux_keys = requested_aux(_NAME, return_aux, _AUX)
-    static = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "logit_scale": logit_scale,
-              "softcap": softcap, "z_loss": z_loss, "aux_keys": aux_keys, "vocab": vocab}
-    tensors = {} if class_weight is None else {"class_weight": class_weight}
-    plan = Plan(_NAME, _ce_rows, "rows", reduction, static, options, tuple(tensors), aux_keys=aux_keys)
-    row_weight = kept_row_weight(targets, ignore_index, class_weight) if reduction == "mean" else None
-    out = fused_call(plan, hidden, weight, bias, (targets,), tuple(tensors.values()), row_weight)
+    static = {"ignore_index": ignore_index, "label_smoothing": float(label_smoothing), "logit_scale": logit_scale,
+              "softcap": softcap, "z_loss": float(z_loss), "aux_keys": aux_keys}
+    out = fused_call(_NAME, ce_rows, hidden, weight, bias, targets=targets, ignore_index=ignore_index,
+                     class_weight=class_weight, static=static, reduction=reduction, aux_keys=aux_keys,
+                     options=options)
     if return_aux is None:
-        return finish(out)
-    loss, aux = out if aux_keys else (out, ())
-    return finish((loss, AuxOutput(**dict(zip(aux_keys, aux)))))
+        return out
+    loss, aux = out if aux_keys else (out, {})
+    return loss, AuxOutput(**aux)
 
 
 def _check_options(label_smoothing, logit_scale, softcap, z_loss, return_aux):
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{_NAME}: label_smoothing must be in [0, 1], got {label_smoothing!r}.")
-    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
-        raise ValueError(f"{_NAME}: logit_scale must be a positive finite float, got {logit_scale!r}.")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"{_NAME}: softcap must be a positive float or None, got {softcap!r}.")
+    check_transform(_NAME, logit_scale, softcap)
     if not z_loss >= 0:
         raise ValueError(f"{_NAME}: z_loss must be >= 0, got {z_loss!r}.")
     requested_aux(_NAME, return_aux, _AUX)

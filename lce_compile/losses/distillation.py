@@ -7,11 +7,10 @@ import warnings
 import torch
 from torch import nn
 
-from .. import checks, parallel, policy
-from ..engine import Head, Plan
-from ..boundary import fused_call
-from ..parallel import LOCAL
-from ..policy import DEFAULT_OPTIONS, FusedOptions
+from .. import checks, policy
+from ._rows import LOCAL
+from ..policy import FusedOptions
+from ..wrap import fused_call
 from ._rows import target_log_prob, widen
 
 _NAME = "linear_kd_loss"
@@ -163,34 +162,20 @@ def linear_kd_loss(hidden=None, weight=None, teacher_hidden=None, teacher_weight
         reduction (str): ``"mean"`` | ``"sum"`` | ``"none"``. Default: ``"mean"``.
         bias, teacher_bias (Tensor, optional): ``(V,)`` the student's and the teacher's output-layer biases.
         student_hidden, student_weight, student_bias: the old keyword names of ``hidden``, ``weight``,
-            ``bias``; accepted with a ``DeprecationWarning`` for one release.
+            ``bias``; accepted with a ``DeprecationWarning``, removed in 0.2.0.
         options (FusedOptions, optional): engine knobs; the chunk budget is shared by the two heads' logits.
     Returns:
         Tensor: an fp32 scalar, or the per-token losses in the tokens' shape for ``"none"``.
     Memory: the student's gradients plus one ``(C, V)`` chunk of each head's logits; never ``(N, V)``.
     """
-    options = options or DEFAULT_OPTIONS
     hidden, weight, bias = _renamed(hidden, weight, bias, deprecated)
-    hidden, weight, bias, (teacher_hidden, targets), vocab, finish = parallel.localize(
-        _NAME, hidden, weight, bias, teacher_hidden, targets)
-    teacher_weight, teacher_bias = parallel.localize_like(_NAME, vocab, teacher_weight, teacher_bias, "teacher_")
-    checks.check_head(_NAME, hidden, weight, bias)
-    checks.check_head(_NAME, teacher_hidden, teacher_weight, teacher_bias, prefix="teacher_")
-    checks.check_teacher(_NAME, hidden, weight, teacher_hidden, teacher_weight)
-    checks.check_reduction(_NAME, reduction)
     _check_options(kind, beta, temperature, hard_weight, targets)
-    row_inputs = (Head(teacher_hidden, teacher_weight, teacher_bias),)
-    row_weight = None
-    if targets is not None:
-        checks.check_targets(_NAME, targets, hidden, vocab.total(weight), ignore_index, options.validate)
-        targets = targets.long()
-        row_inputs += (targets,)
-        row_weight = (targets != ignore_index).float()
-    static = {"kind": kind, "beta": beta, "temperature": temperature, "temperature_squared": temperature_squared,
-              "ignore_index": ignore_index, "hard_weight": hard_weight, "vocab": vocab}
-    plan = Plan(_NAME, _kd_rows, "rows", reduction, static, options)
-    return finish(fused_call(plan, hidden, weight, bias, row_inputs,
-                             row_weight=row_weight if reduction == "mean" else None))
+    static = {"kind": kind, "beta": float(beta), "temperature": float(temperature),
+              "temperature_squared": temperature_squared, "ignore_index": ignore_index,
+              "hard_weight": float(hard_weight)}
+    # without targets every token counts: the mean's weights are then one per row (the engine's default)
+    return fused_call(_NAME, _kd_rows, hidden, weight, bias, teacher=(teacher_hidden, teacher_weight, teacher_bias),
+                      targets=targets, ignore_index=ignore_index, static=static, reduction=reduction, options=options)
 
 
 _OLD_NAMES = {"student_hidden": "hidden", "student_weight": "weight", "student_bias": "bias"}
@@ -206,7 +191,7 @@ def _renamed(hidden, weight, bias, deprecated):
         if new[name] is not None:
             raise TypeError(f"{_NAME}: got both {name}= and its old name {old}=; pass {name}= only.")
         warnings.warn(f"{_NAME}: {old}= is now {name}= (the trained head is hidden, weight, bias in every loss); "
-                      f"the old name goes in the next release.", DeprecationWarning, stacklevel=3)
+                      f"the old name is removed in 0.2.0.", DeprecationWarning, stacklevel=3)
         new[name] = value
     if new["hidden"] is None or new["weight"] is None:
         raise TypeError(f"{_NAME}: missing the student's hidden and weight; call it as "

@@ -1,0 +1,146 @@
+"""Fused token log-probabilities (and entropy): what RL losses and trainers read off the policy's head."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import checks
+from ..policy import FusedOptions
+from ..wrap import fused_call
+from ._aux import AuxOutput, AuxRequest, aux_keys
+from ._rows import LOCAL, check_transform, target_log_prob, widen
+from ._rows import entropy as row_entropy
+
+_LOGPROB_AUX = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # the AuxRequest fields log-probs give
+
+
+def _logprob_rows(logits, token_ids, *, temperature=1.0, logit_scale=1.0, softcap=None, entropy=False,
+                  aux_keys=(), vocab=LOCAL):
+    """One chunk: log p(token), (C,), or (C, 2) with the row's entropy too, under softmax(z) for
+    z = softcap(logits * logit_scale) / temperature; plus the requested detached statistics of z."""
+    z = widen(logits)
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    logp, lse = target_log_prob(z, token_ids, vocab)
+    value = torch.stack((logp, row_entropy(z, lse, vocab)), dim=-1) if entropy else logp
+    if not aux_keys:
+        return value
+    stats = {"log_sum_sq_probs": lambda: vocab.logsumexp(2 * z) - 2 * lse,  # log sum_v p_v^2
+             "mean_logits": lambda: vocab.sum(z) / vocab.size(z),
+             "is_top1": lambda: vocab.argmax(z) == token_ids}  # argmax takes the first of tied maxima
+    return value, tuple(stats[key]().detach() for key in aux_keys)
+
+
+def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature: float = 1.0,
+                          softcap: float | None = None, logit_scale: float = 1.0, return_entropy: bool = False,
+                          return_aux: AuxRequest | None = None, options: FusedOptions | None = None):
+    r"""Log-probability of each chosen token under ``softmax(hidden @ weight.T / temperature)``, fused.
+
+    Same values and gradients, up to float rounding, as the unfused code::
+
+        logits = (hidden @ weight.T + bias).float()                          # (..., V); bias if given
+        logits = logits * logit_scale                                        # if logit_scale != 1
+        logits = softcap * torch.tanh(logits / softcap)                      # if softcap is not None
+        logits = logits / temperature
+        logprobs = logits.log_softmax(-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)     # if return_entropy
+        log_sum_sq_probs = (2 * logits.log_softmax(-1)).logsumexp(-1)        # the AuxRequest fields, detached
+        mean_logits = logits.mean(-1)
+        is_top1 = logits.argmax(-1) == token_ids
+
+    Args:
+        hidden (Tensor): ``(..., D)`` final hidden states.
+        weight (Tensor): ``(V, D)`` output layer; or split over the vocabulary across ranks (a ``Shard(0)`` DTensor
+            beside a DTensor ``hidden``, or a ``VocabShard``: docs/distributed.md).
+        token_ids (Tensor): ``(...)`` integer ids in ``[0, V)``, hidden's leading shape.
+        temperature (float): divides the logits (sampling temperature), last. Default: 1.
+        softcap (float, optional): Gemma's ``softcap * tanh(logits / softcap)``, after ``logit_scale``.
+        logit_scale (float): multiplies the fp32 logits first. Default: 1.
+        return_entropy (bool): also return each row's entropy (differentiable too), as ``(logprobs, entropy)``.
+            Default: ``False``.
+        return_aux (AuxRequest, optional): returns ``(logprobs, AuxOutput)``: ``entropy`` (differentiable),
+            ``log_sum_sq_probs``, ``mean_logits``, ``is_top1`` (first argmax on ties) as requested.
+        bias (Tensor, optional): ``(V,)`` output-layer bias.
+        options (FusedOptions, optional): engine knobs.
+    Returns:
+        Tensor ``logprobs`` of ``token_ids.shape`` (fp32), ``(logprobs, entropy)`` or ``(logprobs, AuxOutput)``.
+        Any upstream gradient flows back to ``hidden``, ``weight`` and ``bias`` (the chunks are recomputed in
+        backward).
+    Memory: the gradients plus one ``(C, V)`` chunk; never ``(N, V)``.
+    """
+    return token_logprobs("linear_token_logprobs", hidden, weight, token_ids, bias=bias, temperature=temperature,
+                          softcap=softcap, logit_scale=logit_scale, return_entropy=return_entropy,
+                          return_aux=return_aux, options=options)
+
+
+def token_logprobs(name, hidden, weight, token_ids, *, bias, temperature, options, softcap=None, logit_scale=1.0,
+                   return_entropy=False, return_aux=None, extras=(), then=None):
+    """linear_token_logprobs under the caller's ``name``; ``then(result, *extras)``, if given, turns the result
+    into the caller's on this rank's tensors (``extras`` localized like the inputs)."""
+    check_temperature(name, temperature)
+    check_transform(name, logit_scale, softcap)
+    requested = aux_keys(name, return_aux, _LOGPROB_AUX)
+    with_entropy = return_entropy or "entropy" in requested
+    detached = tuple(key for key in requested if key != "entropy")
+    static = {"temperature": float(temperature), "logit_scale": logit_scale, "softcap": softcap,
+              "entropy": with_entropy, "aux_keys": detached}
+
+    def unpack(out, *extras):
+        out, stats = out if detached else (out, {})
+        logp, entropy = (out[..., 0], out[..., 1]) if with_entropy else (out, None)
+        if return_aux is not None:
+            result = logp, AuxOutput(entropy=entropy, **stats)
+        else:
+            result = (logp, entropy) if return_entropy else logp
+        return result if then is None else then(result, *extras)
+
+    return fused_call(name, _logprob_rows, hidden, weight, bias, targets=token_ids, target_arg="token_ids",
+                      ignore_index=None, static=static, row_shape=(2,) if with_entropy else (), aux_keys=detached,
+                      options=options, extras=extras, local_finish=unpack)
+
+
+def check_temperature(name, temperature):
+    if not temperature > 0:
+        raise ValueError(f"{name}: temperature must be > 0, got {temperature!r}.")
+
+
+def check_sequences(name, hidden, token_ids, completion_mask):
+    """hidden (B, T, D), token_ids and completion_mask (B, T); returns (B, T)."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"{name}: hidden must have shape (B, T, D), got {got}.")
+    b, t = hidden.shape[:2]
+    checks.check_rows(name, "completion_mask", completion_mask, hidden)
+    if completion_mask.dim() != 2:
+        raise ValueError(f"{name}: completion_mask must have shape (B, T) = ({b}, {t}), "
+                         f"got {tuple(completion_mask.shape)}.")
+    if completion_mask.is_complex():
+        raise TypeError(f"{name}: completion_mask must be bool, 0/1 integers or floats, got {completion_mask.dtype}.")
+    return b, t
+
+
+class LinearTokenLogprobs(nn.Module):
+    """:func:`linear_token_logprobs` as a module: ``forward(hidden, weight, token_ids, bias=None)``."""
+
+    def __init__(self, *, temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
+                 return_entropy: bool = False, return_aux: AuxRequest | None = None,
+                 options: FusedOptions | None = None):
+        super().__init__()
+        name = type(self).__name__
+        check_temperature(name, temperature)
+        check_transform(name, logit_scale, softcap)
+        aux_keys(name, return_aux, _LOGPROB_AUX)
+        self.temperature, self.softcap, self.logit_scale = temperature, softcap, logit_scale
+        self.return_entropy, self.return_aux, self.options = return_entropy, return_aux, options
+
+    def forward(self, hidden, weight, token_ids, bias=None):
+        return linear_token_logprobs(hidden, weight, token_ids, temperature=self.temperature, softcap=self.softcap,
+                                     logit_scale=self.logit_scale, return_entropy=self.return_entropy,
+                                     return_aux=self.return_aux, bias=bias, options=self.options)
+
+    def extra_repr(self):
+        return (f"temperature={self.temperature}, softcap={self.softcap}, logit_scale={self.logit_scale}, "
+                f"return_entropy={self.return_entropy}, return_aux={self.return_aux!r}, options={self.options!r}")
