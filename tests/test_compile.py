@@ -133,3 +133,116 @@ def test_distillation_and_grpo_inside_user_compile_fullgraph():
     compiled = torch.compile(grpo, fullgraph=True)
     for got_c, want in zip(run(compiled, hidden, weight, targets), run(grpo, hidden, weight, targets)):
         torch.testing.assert_close(got_c, want, rtol=1e-4, atol=1e-6)
+
+
+def _grid():
+    """Every loss and option, as (name, fn(hidden (4, 30, D), weight) -> a scalar to differentiate)."""
+    from lce_compile import AuxRequest, linear_dpo_loss, linear_grpo_loss, linear_kd_loss, linear_token_logprobs
+
+    gen = torch.Generator().manual_seed(21)
+    targets = torch.randint(0, 97, (4, 30), generator=gen)
+    targets[:, :5] = -100
+    class_weight = torch.rand(97, generator=gen) + 0.5
+    t_hidden, t_weight = torch.randn(4, 30, 24, generator=gen), torch.randn(97, 24, generator=gen)
+    mask, adv = torch.rand(4, 30, generator=gen) < 0.8, torch.randn(4, generator=gen)
+    old, ref = -torch.rand(4, 30, generator=gen) * 5, -torch.rand(4, 30, generator=gen) * 5
+    upstream = torch.randn(4, 30, generator=gen)
+
+    def ce(**kw):
+        return lambda h, w: linear_cross_entropy(h, w, targets, options=SMALL, **kw)
+
+    def row_sq(logits, targets):  # a user's row function
+        return (logits.float().softmax(-1) ** 2).sum(-1) * (targets >= 0)
+
+    def aux(h, w):
+        loss, out = linear_cross_entropy(h, w, targets, return_aux=AuxRequest(loss=True, lse=True, correct=True),
+                                         options=SMALL)
+        return loss + out.lse.sum() * 0 + out.correct.sum() * 0 + out.loss.sum()
+
+    def logprobs(h, w):
+        logp, entropy = linear_token_logprobs(h, w, targets.clamp(min=0), return_entropy=True, options=SMALL)
+        return (logp * upstream).sum() + entropy.sum()
+
+    def grpo(level):
+        return lambda h, w: linear_grpo_loss(h, w, targets.clamp(min=0), mask, adv, old_logprobs=old,
+                                             ref_logprobs=ref, beta=0.04, importance_sampling_level=level,
+                                             options=SMALL)
+
+    return {
+        "ce": ce(), "ce_class_weight": ce(class_weight=class_weight), "ce_smoothing": ce(label_smoothing=0.1),
+        "ce_softcap": ce(softcap=5.0), "ce_logit_scale": ce(logit_scale=0.5), "ce_z_loss": ce(z_loss=1e-3),
+        "ce_sum": ce(reduction="sum"),
+        "ce_none": lambda h, w: (linear_cross_entropy(h, w, targets, reduction="none", options=SMALL)
+                                 * upstream).sum(),
+        "ce_return_aux": aux,
+        "fused_loss(F.cross_entropy)": lambda h, w: fused_loss(F.cross_entropy)(
+            h, w, targets, weight=class_weight, label_smoothing=0.1, options=SMALL),
+        "fused_loss(F.nll_loss)": lambda h, w: fused_loss(F.nll_loss)(h, w, targets, options=SMALL),
+        "fused_loss(user rows)": lambda h, w: fused_loss(row_sq)(h, w, targets, options=SMALL).sum(),
+        **{f"kd_{kind}": (lambda kind: lambda h, w: linear_kd_loss(h, w, t_hidden, t_weight, targets, kind=kind,
+                                                                  options=SMALL))(kind)
+           for kind in ("forward_kl", "reverse_kl", "jsd")},
+        "logprobs_entropy": logprobs,
+        "grpo_token": grpo("token"), "grpo_sequence": grpo("sequence"),
+        "dpo": lambda h, w: linear_dpo_loss(h, w, targets.clamp(min=0), mask, ref, options=SMALL),
+    }
+
+
+GRID = _grid()
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_every_loss_inside_user_compile_gives_the_eager_result(name):
+    """fullgraph=True (no graph break), Dynamo + AOTAutograd: the fused operator is one node, whose body is the
+    eager engine, so the compiled call equals the eager one."""
+    loss_fn = GRID[name]
+    hidden, weight, _ = make_inputs((4, 30), 16, 97, seed=2)
+    eager = run(lambda h, w, t: loss_fn(h, w), hidden, weight, None)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    got = run(lambda h, w, t: compiled(h, w), hidden, weight, None)
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+
+
+def _graph_tensor_sizes(loss_fn, hidden, weight):
+    """The largest tensor (elements) in the forward and backward graphs that Inductor would get."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    largest = []
+
+    def record(gm, example_inputs):
+        sizes = [n.meta["val"].numel() for n in gm.graph.nodes
+                 if isinstance(n.meta.get("val"), torch.Tensor)]
+        largest.append(max(sizes))
+        return gm.forward
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    compiled(hidden, weight).backward()
+    return largest
+
+
+@pytest.mark.parametrize("name", ["ce", "ce_none", "kd_jsd", "logprobs_entropy", "grpo_token"])
+def test_compiled_graphs_hold_no_n_by_v_tensor(name):
+    """What a user's torch.compile gets to optimize: neither its forward nor its backward graph has a tensor
+    as large as the logits (N x V = 120 x 97), only the operator's inputs, outputs and gradients."""
+    hidden, weight, _ = make_inputs((4, 30), 16, 97, seed=2)
+    hidden.requires_grad_(), weight.requires_grad_()
+    largest = _graph_tensor_sizes(GRID[name], hidden, weight)
+    # the largest inputs: the teacher's hidden states (120 x 24) and weight (97 x 24)
+    assert len(largest) == 2 and max(largest) <= 120 * 24 < 120 * 97 // 4, largest
+
+
+def test_six_token_counts_compile_at_most_three_graphs():
+    """Packing / variable-length batches: N changes every step; the chunking is decided inside the operator."""
+    counter = CompileCounter()
+    compiled = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, options=SMALL), fullgraph=True,
+                             backend=counter)
+    _, weight, _ = make_inputs(1, 16, 97)
+    weight.requires_grad_()
+    for n in (37, 120, 64, 301, 75, 1000):
+        hidden, _, targets = make_inputs(n, 16, 97, seed=n)
+        hidden.requires_grad_()
+        loss = compiled(hidden, weight, targets)
+        loss.backward()
+        torch.testing.assert_close(loss, unfused_cross_entropy(hidden, weight, targets))
+    assert counter.frame_count <= 3, f"{counter.frame_count} graphs for 6 token counts"
