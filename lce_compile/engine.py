@@ -154,7 +154,8 @@ def _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, *,
     """The loop over chunks.
 
     cotangent: None (values only), a 0-d scale for every row, or per-row ``(N,)`` upstream gradients.
-    Returns ((values, dtype of fn's values), aux, (grad_hidden, grad_weight fp32, grad_bias fp32)); values
+    Returns ((values, dtype of fn's values), aux, (grad_hidden, grad_weight, grad_bias)): grad_bias summed in fp32,
+    grad_weight in ``sched.grad_weight_dtype`` (fp32 on the CPU and MPS, the weight's dtype on CUDA); values
     are per-row for reduction "none", else the fp32 sum over chunks of each chunk's (weighted) value.
     """
     vocab = weight.shape[0]

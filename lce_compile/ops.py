@@ -19,7 +19,9 @@ def compile_context(compiled: bool):
 
 
 def add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """``acc = a @ b`` for the first chunk, else ``acc += a @ b``; products accumulate in fp32 (or fp64).
+    """``acc = a @ b`` for the first chunk, else ``acc += a @ b``, in ``acc``'s dtype: each product is reduced in
+    fp32 (fp64) by the matmul and rounded once to ``acc``'s dtype, so a 16-bit ``acc`` (CUDA's default weight
+    gradient) rounds once per chunk, an fp32 one (the CPU's) once at the end.
 
     Writing the first product (instead of adding it to zeros) saves one pass over ``acc``.
     """

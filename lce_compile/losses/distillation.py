@@ -126,13 +126,21 @@ def linear_kd_loss(hidden=None, weight=None, teacher_hidden=None, teacher_weight
         log_s = F.log_softmax(s / temperature, -1)
         log_t = F.log_softmax(t / temperature, -1)
         kl = lambda log_p, log_q: (log_p.exp() * (log_p - log_q)).sum(-1)   # KL(p || q) per token
-        soft = kl(log_t, log_s)                                      # kind="forward_kl": KL(p_t || p_s)
-        soft = kl(log_s, log_t)                                      # kind="reverse_kl": KL(p_s || p_t)
-        log_m = torch.logaddexp(log_t + log(beta), log_s + log(1 - beta))  # kind="jsd": m = beta p_t + (1-beta) p_s
-        soft = beta * kl(log_t, log_m) + (1 - beta) * kl(log_s, log_m)
-        soft = soft * temperature ** 2                               # if temperature_squared
-        hard = F.cross_entropy(s, targets, reduction="none")         # at temperature 1
-        loss = (1 - hard_weight) * soft + hard_weight * hard         # per token; 0 where targets == ignore_index
+        if kind == "forward_kl":
+            soft = kl(log_t, log_s)                                  # KL(p_t || p_s)
+        elif kind == "reverse_kl":
+            soft = kl(log_s, log_t)                                  # KL(p_s || p_t)
+        else:  # "jsd", m = beta p_t + (1 - beta) p_s
+            log_m = torch.log(beta * log_t.exp() + (1 - beta) * log_s.exp())
+            soft = beta * kl(log_t, log_m) + (1 - beta) * kl(log_s, log_m)
+        if temperature_squared:
+            soft = soft * temperature ** 2
+        loss = soft
+        if hard_weight:                                              # the cross-entropy at temperature 1
+            hard = F.cross_entropy(s.flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
+            loss = (1 - hard_weight) * soft + hard_weight * hard
+        if targets is not None:                                      # per token; 0 where ignored
+            loss = torch.where(targets != ignore_index, loss, 0.0)
         # "mean": loss.sum() / (targets != ignore_index).sum()  (over all tokens when targets is None),
         # "sum": loss.sum(), "none": loss.view(hidden.shape[:-1])
 

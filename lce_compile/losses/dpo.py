@@ -39,7 +39,7 @@ def linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, *,
             detached ``"chosen_rewards"`` and ``"rejected_rewards"`` (B,) (``beta * (seq - ref)``) and
             ``"reward_accuracy"`` (fraction of pairs with chosen > rejected).
         return_stats (bool): the old spelling of ``return_aux=AuxRequest(stats=True)``, returning
-            ``(loss, stats)``; accepted with a ``DeprecationWarning`` for one release.
+            ``(loss, stats)``; accepted with a ``DeprecationWarning``, removed in 0.2.0.
     Returns:
         the loss, or ``(loss, AuxOutput)``.
     """

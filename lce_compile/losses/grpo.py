@@ -52,15 +52,20 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
         logp = logits.log_softmax(-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)   # (B, T)
         m = completion_mask.float()
         old = logp.detach() if old_logprobs is None else old_logprobs
-        log_w = logp - old                                                        # importance_sampling_level="token"
-        log_w = ((logp - old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)   # ="sequence"
+        if importance_sampling_level == "token":
+            log_w = logp - old
+        else:  # "sequence"
+            log_w = ((logp - old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
         ratio, adv = log_w.exp(), advantages.unsqueeze(-1)
         loss_t = -torch.minimum(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)
         if ref_logprobs is not None and beta:                                     # the k3 KL estimate
             loss_t = loss_t + beta * ((ref_logprobs - logp).exp() - (ref_logprobs - logp) - 1)
-        loss = ((loss_t * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()             # loss_type="grpo"
-        loss = (loss_t * m).sum() / m.sum().clamp(min=1)                          # "bnpo", "dapo"
-        loss = (loss_t * m).sum() / (B * (max_completion_length or T))            # "dr_grpo"
+        if loss_type == "grpo":
+            loss = ((loss_t * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+        elif loss_type == "dr_grpo":
+            loss = (loss_t * m).sum() / (B * (max_completion_length or T))
+        else:  # "bnpo", "dapo"
+            loss = (loss_t * m).sum() / m.sum().clamp(min=1)
 
     Args:
         hidden (Tensor): ``(B, T, D)`` hidden states of the completion tokens' positions.
@@ -85,7 +90,7 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
             ``"entropy"`` (masked mean).
         bias, options: as in :func:`linear_token_logprobs`.
         return_stats (bool): the old spelling of ``return_aux=AuxRequest(stats=True)``, returning
-            ``(loss, stats)``; accepted with a ``DeprecationWarning`` for one release.
+            ``(loss, stats)``; accepted with a ``DeprecationWarning``, removed in 0.2.0.
     Returns:
         an fp32 scalar, or ``(loss, AuxOutput)``.
     Token-level ratios make the loss a sum of per-row terms: the chunks are differentiated in the forward pass
