@@ -5,6 +5,7 @@ accuracy of the fused method are checked; no timed or memory asserts.
 """
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -195,3 +196,79 @@ def test_sweep_default_methods():
     assert args.sweep_memory == (0.1, math.inf) and args.methods == ["fused", "fused_jsd"]
     with pytest.raises(SystemExit):
         parse_args(["--sweep-memory", "--interleaved", "2"])
+
+
+@pytest.mark.parametrize("loss,shape", [("ce", "64,32,101"), ("grpo", "48,16,67")])
+def test_cli_inside_compile(tmp_path, loss, shape):
+    """--inside-compile: each lce_compile method again inside torch.compile(fullgraph=True), in the row after its
+    own, with the same errors against the reference; the other methods once."""
+    out = tmp_path / "inside.json"
+    cmd = [sys.executable, "-m", "lce_compile.bench", "--loss", loss, "--shapes", shape, "--methods", "eager,fused",
+           "--inside-compile", "--json", str(out), "--quiet"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "fused [in compile]" in proc.stdout and "time x call" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["inside_compile"] is True
+    results = {r["method"]: r for r in data["results"]}
+    assert list(results) == ["eager", "fused", "fused [in compile]"]
+    assert results["fused [in compile]"]["inside_compile_of"] == "fused"
+    assert not any("inside_compile_of" in results[name] for name in ("eager", "fused"))
+    for r in results.values():
+        assert "error" not in r, r["error"]  # fullgraph=True: a graph break would be an error here
+        assert math.isfinite(r["time_s"]) and r["time_s"] > 0
+        assert math.isfinite(r["peak_bytes"]) and r["peak_bytes"] >= 0
+    eager, inside = results["fused"], results["fused [in compile]"]
+    for key in ("err_loss", "err_grad_hidden", "err_grad_weight"):
+        # the same call, so the same error up to fp32 rounding (the objective around it may fuse differently)
+        assert inside[key] < 1e-5 and abs(inside[key] - eager[key]) < 2e-6, (key, inside[key], eager[key])
+
+
+def test_inside_compile_report_ratios():
+    """A "[in compile]" row's time and peak are divided by its method's eager row's, not by the baseline's."""
+    from lce_compile.bench import report
+
+    def rec(method, ms, mib, **kw):
+        return dict(shape="s", N=8, D=4, V=16, method=method, time_s=ms / 1e3, peak_bytes=mib << 20,
+                    floor_bytes=1 << 20, err_loss=1e-7, err_grad_hidden=1e-7, err_grad_weight=1e-7, **kw)
+
+    results = [rec("eager", 100, 40), rec("fused", 50, 2), rec("fused [in compile]", 52, 3, inside_compile_of="fused")]
+    meta = dict(device="cpu", device_name="cpu", threads=2, lce_compile="0", torch="2", dtype="float32",
+                date_utc="now", skipped={})
+    lines = report.tables(meta, results).splitlines()
+    header = next(line for line in lines if line.startswith("method"))
+    assert header.endswith("time x call  peak x call")
+    row = next(line for line in lines if line.startswith("fused [in compile]"))
+    assert row.split()[-2:] == ["1.04", "1.50"]
+    assert next(line for line in lines if line.startswith("fused ")).split()[-1] == "1.0e-07"  # blank ratio cells
+
+
+def test_inside_compile_arguments():
+    from lce_compile.bench.run import parse_args
+
+    args = parse_args(["--inside-compile", "--loss", "grpo", "--methods", "eager,fused"])
+    assert args.inside_compile and args.methods == ["eager", "fused"]
+    for bad in (["--inside-compile", "--methods", "eager"], ["--inside-compile", "--sweep-memory"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_hf_step_compiled_on_cpu(tmp_path):
+    """bench.hf_step --compile on the tiny shape: each method's model runs as torch.compile(model) (inductor, graph
+    breaks allowed); the patched model's compiled step gives the unpatched one's loss, through the fused loss."""
+    pytest.importorskip("transformers")
+    cmd = [sys.executable, "-m", "lce_compile.bench.hf_step", "tiny-llama", "unpatched,lce_compile", "--device",
+           "cpu", "--compile"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, OUT=str(tmp_path)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "hf_tiny-llama_compiled.json").read_text())  # eager runs write hf_tiny-llama.json
+    assert data["compiled"] is True and data["device"] == "cpu" and data["dtype"] == "float32"
+    results = data["results"]
+    assert list(results) == ["unpatched", "lce_compile"]
+    for r in results.values():
+        assert "error" not in r, r["error"]
+        assert r["graphs"] >= 1 and r["ms"] > 0  # it compiled
+    assert results["unpatched"]["logits_shape"] == [8, 64, 1024]
+    assert results["lce_compile"]["logits_shape"] == [8, 0, 1024]  # the patch's placeholder: the fused loss ran
+    torch.testing.assert_close(results["lce_compile"]["loss"], results["unpatched"]["loss"], rtol=1e-4, atol=0)

@@ -246,3 +246,20 @@ def test_six_token_counts_compile_at_most_three_graphs():
         loss.backward()
         torch.testing.assert_close(loss, unfused_cross_entropy(hidden, weight, targets))
     assert counter.frame_count <= 3, f"{counter.frame_count} graphs for 6 token counts"
+
+
+def test_float_options_passed_into_the_compiled_step():
+    """A float option that is an input of the user's compiled step (a temperature schedule) gives the right values
+    for every value. It is a constant of the graph (the option checks branch on it, as the unfused code's would),
+    so each new value compiles once."""
+    from lce_compile import linear_token_logprobs
+
+    counter = CompileCounter()
+    compiled = torch.compile(lambda h, w, t, temp: linear_token_logprobs(h, w, t, temperature=temp, options=SMALL),
+                             fullgraph=True, backend=counter)
+    hidden, weight, targets = make_inputs(50, 16, 97, seed=6)
+    targets = targets.clamp(min=0)
+    for temperature in (1.0, 0.7, 1.3, 0.9):
+        got = compiled(hidden, weight, targets, temperature)
+        torch.testing.assert_close(got, linear_token_logprobs(hidden, weight, targets, temperature=temperature))
+    assert counter.frame_count <= 4, f"{counter.frame_count} graphs for 4 temperatures"

@@ -103,6 +103,15 @@ NotImplementedError: fused_loss(rows): mask requires grad; only hidden, weight a
         loss = linear_cross_entropy(H, W, torch.tensor([0, 11, 2, 3]), label_smoothing=0.1,
                                     class_weight=torch.rand(11), options=FusedOptions(validate=False))
         self.assertTrue(loss.isnan())
+        # fused_loss(F.cross_entropy / F.nll_loss): the same behaviour, whatever the keywords and the weight's layout
+        # (the vocabulary-parallel forms: tests/test_distributed.py)
+        for fn, kw in ((F.cross_entropy, {}), (F.cross_entropy, {"weight": torch.rand(11), "label_smoothing": 0.1}),
+                       (F.nll_loss, {}), (F.nll_loss, {"weight": torch.rand(11)})):
+            loss = fused_loss(fn)(H, W, torch.tensor([0, 11, 2, 3]), options=FusedOptions(validate=False), **kw)
+            self.assertTrue(loss.isnan(), f"{fn.__name__} {kw}")
+            message = _message(lambda: fused_loss(fn)(H, W, torch.tensor([0, 11, 2, 3]), **kw))
+            self.assertEqual(message, f"ValueError: fused_loss({fn.__name__}): targets must be in [0, 11) or "
+                                      f"ignore_index=-100, got 11.")
 
     def test_distillation_inputs(self):
         teacher_h, teacher_w = torch.randn(4, 6), torch.randn(11, 6)
