@@ -263,3 +263,18 @@ def test_float_options_passed_into_the_compiled_step():
         got = compiled(hidden, weight, targets, temperature)
         torch.testing.assert_close(got, linear_token_logprobs(hidden, weight, targets, temperature=temperature))
     assert counter.frame_count <= 4, f"{counter.frame_count} graphs for 4 temperatures"
+
+
+def test_autocast_inside_user_compile_gives_the_eager_result():
+    """Under torch.autocast the front door casts the inputs before the operator, traced like the unfused code's
+    casts; the operator's body runs with autocast off."""
+    def loss_fn(h, w, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return linear_cross_entropy(h, w, t, label_smoothing=0.1, options=SMALL)
+
+    hidden, weight, targets = make_inputs((3, 25), 16, 97, seed=7)
+    eager = run(loss_fn, hidden, weight, targets)
+    got = run(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"), hidden, weight, targets)
+    for g, e in zip(got, eager):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
