@@ -1,6 +1,8 @@
 """integrations.transformers on tiny random configs (no downloads): every parameter's gradient equals the unpatched
 model's, no (tokens x vocab) tensor in the step, eval untouched, remove() restores, refusals, Trainer, PEFT."""
+import contextlib
 import copy
+import functools
 
 import pytest
 import torch
@@ -188,7 +190,7 @@ def test_peft_lora_fused_and_lora_head_refused():
         patch(head_lora)
 
 
-def _train(model, grad_accumulation, tmp_path):
+def _train(model, grad_accumulation, tmp_path, make_trainer=transformers.Trainer, **args):
     g = torch.Generator().manual_seed(3)
     rows = []
     for i in range(12):
@@ -199,8 +201,8 @@ def _train(model, grad_accumulation, tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=grad_accumulation,
         max_steps=3, learning_rate=1e-3, logging_steps=1, use_cpu=True, report_to=[], save_strategy="no", seed=0,
-        dataloader_drop_last=True, disable_tqdm=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        dataloader_drop_last=True, disable_tqdm=True, **args)
+    trainer = make_trainer(model=model, args=args, train_dataset=rows)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -218,6 +220,45 @@ def test_trainer_logs_and_ends_the_same(grad_accumulation, tmp_path):
     torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-6)
     for name, p in got_params.items():  # AdamW's m / sqrt(v) magnifies rounding in near-zero gradients: the bound
         torch.testing.assert_close(p, want_params[name], rtol=1e-5, atol=1e-5)  # is 1% of one step (lr 1e-3)
+
+
+class _RecordingTrainer(transformers.Trainer):
+    """Records, per micro-batch, whether the model it ran was compiled and the shape of the logits it returned."""
+
+    def __init__(self, *args, seen, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = seen
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        self.seen.append((isinstance(model, torch._dynamo.eval_frame.OptimizedModule), tuple(outputs.logits.shape)))
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_trainer_torch_compile_trains_on_the_fused_loss(tmp_path):
+    """TrainingArguments(torch_compile=True): the Trainer runs torch.compile(model) (inductor, graph breaks
+    allowed) with the patch's hooks inside; the patched model logs the unpatched model's losses, and every step's
+    forward ran the fused loss (its output layer returned the (B, 0, V) placeholder)."""
+    torch._dynamo.reset()
+    runs = {}
+    try:
+        for patched in (False, True):
+            # a fresh model each run: a Trainer that compiles a model marks it prepared (accelerate), and a second
+            # Trainer then runs it uncompiled
+            model, seen = _model("llama"), []
+            with patch(model) if patched else contextlib.nullcontext():
+                losses, params = _train(model, 1, tmp_path, functools.partial(_RecordingTrainer, seen=seen),
+                                        torch_compile=True)
+            runs[patched] = losses, params, seen
+    finally:
+        torch._dynamo.reset()
+    (want_losses, want_params, want_seen), (got_losses, got_params, got_seen) = runs[False], runs[True]
+    assert want_seen == [(True, (2, 64, V))] * 3  # compiled, full logits
+    assert got_seen == [(True, (2, 0, V))] * 3  # compiled, the fused loss in every step
+    assert len(got_losses) == 3
+    torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(want_losses), rtol=1e-4, atol=1e-6)
+    for name, p in got_params.items():  # as in test_trainer_logs_and_ends_the_same
+        torch.testing.assert_close(p, want_params[name], rtol=1e-5, atol=1e-5)
 
 
 def test_import_lce_compile_does_not_import_transformers():
