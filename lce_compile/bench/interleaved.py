@@ -4,6 +4,8 @@
 Each timed round runs one step of the baseline then one of every other method, in one process, and the
 ratio of the two is taken within the round: drift of a shared machine (±15% between runs on 2 cores) moves
 both sides of a ratio alike. The median ratio over rounds is reported. Memory is the main benchmark's job.
+With ``--inside-compile``, an lce_compile method's call inside ``torch.compile`` runs right after its eager call
+and is divided by that call's time instead.
 """
 from __future__ import annotations
 
@@ -13,20 +15,28 @@ import time
 
 import torch
 
-from .measure import make_inputs, step
+from .measure import IN_COMPILE, _make, make_inputs, step
 from .families import FAMILIES
 
 
-def ratios(shape, methods, rounds, device="cpu", dtype=torch.float32, forward=False, loss="ce"):
+def ratios(shape, methods, rounds, device="cpu", dtype=torch.float32, forward=False, loss="ce",
+           inside_compile=False):
     """{method: [time / baseline time, one per round]}; methods[0] is the baseline.
 
     forward: time the forward pass alone, under ``torch.no_grad()``, instead of forward + backward.
+    inside_compile: also ``"<method> [in compile]"`` for each lce_compile method, as a ratio to the method's time
+    in the same round.
     """
     family = FAMILIES[loss]
     hidden, weight, targets = make_inputs(*shape, dtype, torch.device(device))
     hidden.requires_grad_(), weight.requires_grad_()
     extras = family.extras(hidden, weight, targets)  # once: the same teacher or rollout for every method
-    fns = {name: family.methods[name].make() for name in methods}
+    fns, divisor = {}, {}  # divisor: name -> the method whose time in the round it is divided by
+    for name in methods:
+        fns[name], divisor[name] = family.methods[name].make(), methods[0]
+        if inside_compile and family.methods[name].lce_compile:
+            fns[name + IN_COMPILE] = _make(family.methods[name], inside_compile=True)
+            divisor[name + IN_COMPILE] = name
 
     def timed(fn):
         if device == "cuda":
@@ -44,11 +54,11 @@ def ratios(shape, methods, rounds, device="cpu", dtype=torch.float32, forward=Fa
     for fn in fns.values():  # full-size warm-up: compilation stays out of the rounds
         timed(fn)
         timed(fn)
-    out = {name: [] for name in methods[1:]}
+    out = {name: [] for name in fns if name != methods[0]}
     for _ in range(rounds):
-        base = timed(fns[methods[0]])
-        for name in methods[1:]:
-            out[name].append(timed(fns[name]) / base)
+        times = {name: timed(fn) for name, fn in fns.items()}
+        for name in out:
+            out[name].append(times[name] / times[divisor[name]])
     return out
 
 
@@ -60,10 +70,11 @@ def run(args) -> dict:
     out = {}
     for name, shape in args.shapes:
         found = ratios(shape, args.methods, args.interleaved, args.device, getattr(torch, args.dtype), args.forward,
-                       args.loss)
+                       args.loss, args.inside_compile)
         out[name] = found
         for method, values in found.items():
-            print(f"{name}: {method} / {args.methods[0]} = {statistics.median(values):.2f} (median of "
+            over = method.removesuffix(IN_COMPILE) if method.endswith(IN_COMPILE) else args.methods[0]
+            print(f"{name}: {method} / {over} = {statistics.median(values):.2f} (median of "
                   f"{len(values)} rounds: {', '.join(f'{v:.2f}' for v in values)})", flush=True)
     return out
 

@@ -76,19 +76,28 @@ def _family(task):
     return FAMILIES[task.get("loss", "ce")]
 
 
-def _make(method, chunk_memory=None):
-    """The method's fn; at a memory budget (``--sweep-memory``) when ``chunk_memory`` is given."""
-    return method.make() if chunk_memory is None else method.make_at(chunk_memory)
+def _make(method, chunk_memory=None, inside_compile=False):
+    """The method's fn; at a memory budget (``--sweep-memory``) when ``chunk_memory`` is given; inside
+    ``torch.compile(fn, fullgraph=True)`` with ``inside_compile`` (``--inside-compile``)."""
+    fn = method.make() if chunk_memory is None else method.make_at(chunk_memory)
+    # The forward alone, as a user compiles a model's forward: step() calls backward on the result eagerly, which
+    # runs the backward graph that the compile recorded. fullgraph: a graph break raises, rather than running the
+    # call eagerly under this row's name.
+    return torch.compile(fn, fullgraph=True) if inside_compile else fn
 
 
-def point_key(name, chunk_memory=None) -> str:
-    """How a (method, budget) point is named in the errors' result: ``fused``, ``fused@0.25``, ``fused@inf``."""
-    return name if chunk_memory is None else f"{name}@{chunk_memory:g}"
+IN_COMPILE = " [in compile]"  # suffix of a method measured inside torch.compile (--inside-compile)
 
 
-def _warm_up(fn, family, method, hidden, weight, targets, extras, full_runs):
-    """Warm up tiny (code pages, lazy init), or full-size when the method compiles at its first full call."""
-    if full_runs and (method.compiles or hidden.device.type == "cuda"):
+def point_key(name, chunk_memory=None, inside_compile=False) -> str:
+    """How a (method, budget) point is named in the errors' result and the records: ``fused``, ``fused@0.25``,
+    ``fused@inf``, and inside torch.compile ``fused [in compile]``."""
+    return (name if chunk_memory is None else f"{name}@{chunk_memory:g}") + (IN_COMPILE if inside_compile else "")
+
+
+def _warm_up(fn, family, compiles, hidden, weight, targets, extras, full_runs):
+    """Warm up tiny (code pages, lazy init), or full-size when the fn compiles at its first full call."""
+    if full_runs and (compiles or hidden.device.type == "cuda"):
         for _ in range(full_runs):
             step(fn, hidden, weight, targets, extras)
     else:  # twice: a fresh process's second step can still pay one-time costs (a few ms; noise at tiny N)
@@ -112,9 +121,10 @@ def _cpu(task):
     ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 65536)
     family, _, hidden, weight, targets = _setup(task)
     extras = family.extras(hidden, weight, targets)  # before the peak's baseline: inputs, not the step's
-    method = family.methods[task["method"]]
-    fn = _make(method, task.get("chunk_memory"))
-    _warm_up(fn, family, method, hidden, weight, targets, extras, full_runs=task["warmup"])
+    method, inside = family.methods[task["method"]], task.get("inside_compile", False)
+    fn = _make(method, task.get("chunk_memory"), inside)
+    # inside a compile: full-size, or the timed step would compile again (a dynamic shape) after the tiny one
+    _warm_up(fn, family, method.compiles or inside, hidden, weight, targets, extras, full_runs=task["warmup"])
     base = _proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
@@ -142,8 +152,7 @@ def _cuda(task):
     the median of timed steps; then the same for the forward pass alone, under ``torch.no_grad()``."""
     family, device, hidden, weight, targets = _setup(task)
     extras = family.extras(hidden, weight, targets)
-    method = family.methods[task["method"]]
-    fn = _make(method, task.get("chunk_memory"))
+    fn = _make(family.methods[task["method"]], task.get("chunk_memory"), task.get("inside_compile", False))
     # no tiny warm-up: a compiled method would compile for it and again (with dynamic shapes) for N
     torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -195,15 +204,19 @@ def _errors(task):
     extras = family.extras(hidden, weight, targets)  # of the rows measured, shared by methods and references
     rows = REFERENCE_ROWS if family.chunkable_reference else hidden.shape[0]
     golds, out = {}, {}  # golds: reference fn -> (loss, grad_hidden, grad_weight)
-    # (method, None) for each method, then (method, chunk_memory) for each point of a --sweep-memory
-    points = [(name, None) for name in task["methods"]] + [tuple(p) for p in task.get("points", ())]
-    for name, memory in points:
+    # (method, None, False) for each method, then (method, chunk_memory, False) for each point of a
+    # --sweep-memory, then (method, None, True) for each method of --inside-compile
+    points = ([(name, None, False) for name in task["methods"]] + [(*p, False) for p in task.get("points", ())]
+              + [(name, None, True) for name in task.get("inside_compile", ())])
+    for name, memory, inside in points:
         reference = family.reference_of(name)
-        key = point_key(name, memory)
+        key = point_key(name, memory, inside)
         try:
             if reference not in golds:
                 golds[reference] = _reference(reference, hidden, weight, targets, extras, rows)
-            got = _loss_and_grads(_make(family.methods[name], memory), hidden, weight, targets, extras)
+            if inside:  # compiled afresh, as in its own process: methods built on one function share its cache
+                torch.compiler.reset()
+            got = _loss_and_grads(_make(family.methods[name], memory, inside), hidden, weight, targets, extras)
             out[key] = {f"err_{k}": _relative_error(g, r) for k, g, r in zip(_KEYS, got, golds[reference])}
             del got
         except Exception as exc:  # one failing method keeps the others' errors

@@ -7,6 +7,11 @@ MIB = 1 << 20
 COLUMNS = ("method", "time", "x {base}", "peak MiB", "x floor", "err loss", "err grad_h", "err grad_w")
 # CUDA runs also time the forward pass alone (no_grad) and the first call (compilation included)
 FORWARD_COLUMNS = ("fwd", "fwd x {base}", "fwd MiB", "1st call")
+# --inside-compile: a "<method> [in compile]" row's time and peak over those of the method's eager row
+INSIDE_COMPILE_COLUMNS = ("time x call", "peak x call")
+INSIDE_COMPILE_NOTE = ("[in compile]: the method's forward inside torch.compile(fn, fullgraph=True), backward eager on "
+                       "its result,\n  as a user's compiled step calls it; time/peak x call: over the method's eager "
+                       "row (target <= 1.05)")
 
 
 def name(r: dict) -> str:
@@ -41,19 +46,27 @@ def _shape_table(rows: list) -> list:
     lines = [f"{first['shape']}: N={first['N']} D={first['D']} V={first['V']}, "
              f"floor (grad_hidden + grad_weight) {_mib(first['floor_bytes'])} MiB"]
     forward = any("forward_time_s" in r for r in rows)
-    columns = COLUMNS + (FORWARD_COLUMNS if forward else ())
+    eager_rows = {r["method"]: r for r in rows if "inside_compile_of" not in r}
+    inside = [r for r in rows if "inside_compile_of" in r]
+    columns = COLUMNS + (INSIDE_COMPILE_COLUMNS if inside else ()) + (FORWARD_COLUMNS if forward else ())
     cells = [[c.format(base=base["method"] if base else "eager") for c in columns]]
     for r in rows:
         cells.append([name(r), _time(r.get("time_s")), _ratio(r.get("time_s"), base and base.get("time_s")),
                       _mib(r.get("peak_bytes")), _ratio(r.get("peak_bytes"), r["floor_bytes"]),
                       _err(r.get("err_loss")), _err(r.get("err_grad_hidden")), _err(r.get("err_grad_weight"))])
+        if inside:
+            call = eager_rows.get(r.get("inside_compile_of"))  # None on the other rows: blank cells
+            cells[-1] += ["", ""] if call is None else [_ratio(r.get(k), call.get(k)) for k in ("time_s", "peak_bytes")]
         if forward:
             cells[-1] += [_time(r.get("forward_time_s")),
                           _ratio(r.get("forward_time_s"), base and base.get("forward_time_s")),
                           _mib(r.get("forward_peak_bytes")), _time(r.get("first_call_s"))]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     for row in cells:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())  # blank last cells
+    if inside:
+        lines.append(f"  {INSIDE_COMPILE_NOTE}")
     for r in rows:
         if "error" in r:
             lines.append(f"  {name(r)}: ERROR {r['error']}")

@@ -94,6 +94,12 @@ def parse_args(argv=None):
                              "process, beside the peer methods (by default the family's methods that are not "
                              "lce_compile's); budgets that give the same chunks are measured once. --plot then "
                              "draws time against peak memory, one panel per shape")
+    parser.add_argument("--inside-compile", action="store_true",
+                        help="also measure each lce_compile method (fused*) inside a user's compile: its forward as "
+                             "torch.compile(fn, fullgraph=True), backward called eagerly on its result, in the row "
+                             "'<method> [in compile]' after the method's own; the table then gives that row's time "
+                             "and peak as ratios to the method's eager row (with --interleaved: its time ratio to "
+                             "the eager call, round by round). Other methods are measured once, as without it")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -115,6 +121,11 @@ def parse_args(argv=None):
         parser.error(str(error))
     if args.sweep_memory is not None and args.interleaved:
         parser.error("--sweep-memory measures each point in its own process; it does not combine with --interleaved.")
+    if args.sweep_memory is not None and args.inside_compile:
+        parser.error("--inside-compile does not combine with --sweep-memory; run them separately.")
+    if args.inside_compile and not any(FAMILIES[args.loss].methods[m].lce_compile for m in args.methods):
+        parser.error(f"--inside-compile: none of --methods {','.join(args.methods)} is an lce_compile method of "
+                     f"--loss {args.loss}; add one, e.g. fused.")
     return args
 
 
@@ -122,7 +133,7 @@ def sweep_methods(device, loss):
     """--sweep-memory's default methods: the swept one(s) and the peers (not lce_compile's other settings)."""
     methods = FAMILIES[loss].methods
     return ",".join(name for name in parse_methods(None, device, loss)
-                    if methods[name].make_at is not None or not name.startswith("fused"))
+                    if methods[name].make_at is not None or not methods[name].lce_compile)
 
 
 def parse_shapes(values):
@@ -216,22 +227,26 @@ def bench_shape(shape_name, shape, methods, args, say, save=lambda records: None
     where = (f"fp64 reference, errors on the first {min(n, measure.ERROR_ROWS)} tokens" if args.device == "cpu"
              else "fp32 reference, errors on all tokens")
     say(f"[{shape_name} N={n}] {where} ...")
-    points = [(name, p[0]) for name, p in _points(shape, methods, args) if p is not None]
-    errors = isolated(dict(base, task="errors", methods=[m for m in methods if all(m != q for q, _ in points)],
-                           points=points))
+    rows = _points(shape, methods, args)
+    errors = isolated(dict(base, task="errors", points=[(name, p[0]) for name, p, _ in rows if p is not None],
+                           methods=[name for name, p, inside in rows if p is None and not inside],
+                           inside_compile=[name for name, _, inside in rows if inside]))
     # Floor: no method can need less than the two gradients it returns.
     floor = (n * d + v * d) * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     records = []
-    for name, point in _points(shape, methods, args):
+    for name, point, inside in rows:
+        key = measure.point_key(name, None if point is None else point[0], inside)
         record = {"shape": shape_name, "N": n, "D": d, "V": v, "method": name, "floor_bytes": floor}
         task = dict(base, method=name, repeat=args.repeat, warmup=WARMUP[args.device])
         if point is not None:  # a budget of the sweep
-            budget, chunks, rows, same = point
-            record.update(chunk_memory=sweep.as_json(budget), chunks=chunks, chunk_rows=rows,
+            budget, chunks, chunk_rows, same = point
+            record.update(chunk_memory=sweep.as_json(budget), chunks=chunks, chunk_rows=chunk_rows,
                           same_chunks_as=[sweep.as_json(b) for b in same])
             task["chunk_memory"] = budget
+        if inside:  # its own name; the report divides its time and peak by those of the method's eager row
+            record.update(method=key, inside_compile_of=name)
+            task["inside_compile"] = True
         parts = [isolated(dict(task, task=args.device))]
-        key = measure.point_key(name, None if point is None else point[0])
         parts.append(errors.get("errors", {}).get(key, {"error": f"errors: {errors.get('error')}"}))
         records.append(_merge(record, parts))
         say(report.progress_line(records[-1]))
@@ -240,15 +255,18 @@ def bench_shape(shape_name, shape, methods, args, say, save=lambda records: None
 
 
 def _points(shape, methods, args):
-    """[(method, None | (chunk_memory, chunks, rows, same budgets)), ...]: each method once, or, with
-    --sweep-memory, a method that takes a budget once per distinct split of the tokens."""
+    """[(method, None | (chunk_memory, chunks, rows, same budgets), inside_compile), ...]: each method once; with
+    --sweep-memory, a method that takes a budget once per distinct split of the tokens; with --inside-compile, an
+    lce_compile method twice, eagerly and then inside torch.compile."""
     family = FAMILIES[args.loss]
     out = []
     for name in methods:
         if args.sweep_memory is not None and family.methods[name].make_at is not None:
-            out += [(name, p) for p in sweep.points(shape, args.dtype, family.buffers, args.sweep_memory)]
+            out += [(name, p, False) for p in sweep.points(shape, args.dtype, family.buffers, args.sweep_memory)]
         else:
-            out.append((name, None))
+            out.append((name, None, False))
+            if args.inside_compile and family.methods[name].lce_compile:
+                out.append((name, None, True))
     return out
 
 
@@ -306,6 +324,7 @@ def _metadata(args):
         "lce_compile": _version(), "loss": args.loss, "dtype": args.dtype, "repeat": args.repeat, "warmup": WARMUP[args.device],
         "error_rows": measure.ERROR_ROWS if args.device == "cpu" else "all", "seed": args.seed, "argv": sys.argv[1:], "skipped": {},
         "sweep_memory": None if args.sweep_memory is None else [sweep.as_json(b) for b in args.sweep_memory],
+        "inside_compile": args.inside_compile,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

@@ -24,6 +24,9 @@ class Method:
         reverse KL), the reference of that variant; None: the family's.
     make_at: chunk_memory -> fn, the method at that memory budget (``FusedOptions(chunk_memory=...)``):
         ``--sweep-memory`` measures a method that has one at every budget of the sweep (the time-memory curve).
+    lce_compile: the method is a call of lce_compile (with the family's objective around it), not a peer's:
+        ``--inside-compile`` also measures it inside ``torch.compile(fn, fullgraph=True)``, as a user's
+        compiled training step calls it.
     """
 
     make: Callable[[], Callable]
@@ -33,6 +36,7 @@ class Method:
     compiles: bool = False
     reference: Optional[Callable] = None
     make_at: Optional[Callable[[float], Callable]] = None
+    lce_compile: bool = False
 
 
 def _no_extras(hidden, weight, targets):

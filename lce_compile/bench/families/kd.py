@@ -97,7 +97,7 @@ def _kind_methods(kind):
                                    default_on=peers_on, compiles=True, reference=reference),
         "fused" + suffix: Method(functools.partial(_make_fused, kind), f"lce_compile.linear_kd_loss(kind='{kind}')",
                                  default_on=fused_on, compiles=True, reference=reference,
-                                 make_at=functools.partial(_sweep_fused, kind)),
+                                 make_at=functools.partial(_sweep_fused, kind), lce_compile=True),
         "liger" + suffix: Method(functools.partial(_make_liger, kind),
                                  f"liger_kernel LigerFusedLinearJSD(jsd_beta={_LIGER_JSD_BETA[kind]}), {kind}",
                                  unavailable=needs_module("liger_kernel"), default_on=peers_on, reference=reference),
@@ -108,7 +108,7 @@ METHODS = {
     "eager": Method(lambda: unfused_kd, "unfused forward KL: both heads' full logits"),
     "fused_compiled": Method(functools.partial(_make_fused, "forward_kl", True),
                              "lce_compile.linear_kd_loss(kind='forward_kl'), FusedOptions(compile=True)",
-                             default_on=(), compiles=True),
+                             default_on=(), compiles=True, lce_compile=True),
 }
 for _kind in KINDS:
     METHODS.update(_kind_methods(_kind))

@@ -126,11 +126,11 @@ GRPO = Family(
         "compile": Method(_make_grpo_compile, "torch.compile of the unfused GRPO loss", default_on=("cuda",),
                           compiles=True),
         "fused": Method(_make_grpo_fused, "lce_compile.linear_grpo_loss(loss_type='dapo')", compiles=True,
-                        make_at=lambda memory: _make_grpo_fused(chunk_memory=memory)),
+                        make_at=lambda memory: _make_grpo_fused(chunk_memory=memory), lce_compile=True),
         "trl": Method(_make_grpo_trl, "TRL 1.16's chunked log-prob kernel (trl.kernels), then the same per-token "
                       "formula", unavailable=_trl_unavailable, default_on=("cuda",)),
         "fused_compiled": Method(lambda: _make_grpo_fused(True), "lce_compile.linear_grpo_loss(loss_type='dapo'), "
-                                 "FusedOptions(compile=True)", default_on=(), compiles=True),
+                                 "FusedOptions(compile=True)", default_on=(), compiles=True, lce_compile=True),
     })
 
 
@@ -185,7 +185,7 @@ DPO = Family(
         "compile": Method(_make_dpo_compile, "torch.compile of the unfused DPO loss", default_on=("cuda",),
                           compiles=True),
         "fused": Method(_make_dpo_fused, "lce_compile.linear_dpo_loss", compiles=True,
-                        make_at=lambda memory: _make_dpo_fused(chunk_memory=memory)),
+                        make_at=lambda memory: _make_dpo_fused(chunk_memory=memory), lce_compile=True),
     })
 
 
@@ -234,7 +234,8 @@ LOGPROBS = Family(
         "compile": Method(lambda: torch.compile(unfused_logprobs), "torch.compile of the unfused log-probs + "
                           "entropy", default_on=("cuda",), compiles=True),
         "fused": Method(_make_logprobs_fused, "lce_compile.linear_token_logprobs(return_entropy=True)",
-                        compiles=True, make_at=lambda memory: _make_logprobs_fused(chunk_memory=memory)),
+                        compiles=True, make_at=lambda memory: _make_logprobs_fused(chunk_memory=memory),
+                        lce_compile=True),
         "trl": Method(_make_logprobs_trl, "TRL 1.16's chunked log-prob kernel (trl.kernels), entropy requested",
                       unavailable=_trl_unavailable, default_on=("cuda",)),
     })
