@@ -66,7 +66,7 @@ def call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), row_wei
         row_weight = row_weight.reshape(n).to(acc)
     denom = None
     if plan.reduction == "mean":
-        denom = row_weight.sum() if row_weight is not None else hidden.new_tensor(float(n), dtype=acc)
+        denom = row_weight.sum() if row_weight is not None else hidden.new_full((), n, dtype=acc)
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad]

@@ -232,19 +232,26 @@ def test_compiled_graphs_hold_no_n_by_v_tensor(name):
     assert len(largest) == 2 and max(largest) <= 120 * 24 < 120 * 97 // 4, largest
 
 
-def test_six_token_counts_compile_at_most_three_graphs():
-    """Packing / variable-length batches: N changes every step; the chunking is decided inside the operator."""
+@pytest.mark.parametrize("loss", ["cross_entropy", "kd_without_targets"])
+def test_six_token_counts_compile_at_most_three_graphs(loss):
+    """Packing / variable-length batches: N changes every step; the chunking is decided inside the operator (and a
+    mean over every row divides by N without reading it as a constant)."""
+    from lce_compile import linear_kd_loss
+
+    _, t_weight, _ = make_inputs(1, 8, 97, seed=1)
+    losses = {"cross_entropy": lambda h, w, t, th: linear_cross_entropy(h, w, t, options=SMALL),
+              "kd_without_targets": lambda h, w, t, th: linear_kd_loss(h, w, th, t_weight, options=SMALL)}
     counter = CompileCounter()
-    compiled = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, options=SMALL), fullgraph=True,
-                             backend=counter)
+    compiled = torch.compile(losses[loss], fullgraph=True, backend=counter)
     _, weight, _ = make_inputs(1, 16, 97)
     weight.requires_grad_()
     for n in (37, 120, 64, 301, 75, 1000):
         hidden, _, targets = make_inputs(n, 16, 97, seed=n)
+        t_hidden = make_inputs(n, 8, 97, seed=n + 1)[0]
         hidden.requires_grad_()
-        loss = compiled(hidden, weight, targets)
-        loss.backward()
-        torch.testing.assert_close(loss, unfused_cross_entropy(hidden, weight, targets))
+        got = compiled(hidden, weight, targets, t_hidden)
+        got.backward()
+        torch.testing.assert_close(got, losses[loss](hidden, weight, targets, t_hidden))
     assert counter.frame_count <= 3, f"{counter.frame_count} graphs for 6 token counts"
 
 
