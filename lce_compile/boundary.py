@@ -74,9 +74,9 @@ def call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), row_wei
     tensors = [t for r in row_inputs for t in (r if isinstance(r, Head) else (r,)) if t is not None]
     out = _fused(_intern(key), numbers, needs, hidden, weight, bias, row_weight, denom, [*tensors, *tensor_kwargs])
     value, aux = out[0], out[2:]
-    if plan.reduction == "none":
-        value = value.reshape(*lead, *plan.row_shape)
-    aux = tuple(a.reshape(*lead, *a.shape[1:]) for a in aux)
+    if plan.reduction == "none":  # tuples: an unbatched token's lead is ()
+        value = value.reshape(tuple(lead) + tuple(plan.row_shape))
+    aux = tuple(a.reshape(tuple(lead) + tuple(a.shape[1:])) for a in aux)
     return (value, aux) if plan.aux_keys else value
 
 

@@ -66,14 +66,14 @@ def unfused_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=No
     loss = F.cross_entropy(flat, tflat, weight=cw, ignore_index=ignore_index,
                            label_smoothing=label_smoothing, reduction="none")
     kept = tflat != ignore_index
-    if z_loss:
-        loss = loss + z_loss * flat.logsumexp(-1).square() * kept
+    z_term = z_loss * flat.logsumexp(-1).square() * kept if z_loss else torch.zeros_like(loss)
     if reduction == "none":
-        return loss.view(targets.shape)
+        return (loss + z_term).view(targets.shape)
     if reduction == "sum":
-        return loss.sum()
+        return (loss + z_term).sum()
     denom = kept.sum() if cw is None else (cw[tflat.clamp(min=0)] * kept).sum()
-    return loss.sum() / denom
+    # the z-loss is a per-token regulariser: a mean over kept tokens, whatever the class weights
+    return loss.sum() / denom + z_term.sum() / kept.sum()
 
 
 def forward_backward(loss_fn, hidden, weight, targets, dtype=None, /, *, bias=None, upstream=None, **kw):

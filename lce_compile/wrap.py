@@ -25,13 +25,14 @@ _RETURNS = ("rows", "sum", "mean")
 def fused_call(name, fn, hidden, weight, bias=None, *, targets=None, target_arg="targets", ignore_index=-100,
                class_weight=None, class_weight_arg="class_weight", teacher=None, rows=(), row_keys=(), tensors=None,
                static=None, returns="rows", reduction="none", mean_weight=None, aux_keys=(), row_shape=(),
-               options=None, splits=True, extras=(), local_finish=None):
+               options=None, splits=True, extras=(), local_tensors=None, local_finish=None):
     """One fused call of the row function ``fn``, set up once for every loss.
 
     Row inputs, in ``fn``'s order: the teacher's head ``teacher = (hidden, weight, bias)`` (its logits per chunk),
     ``targets`` (checked in ``[0, V)`` or ``ignore_index``, as ``target_arg``; ``ignore_index=None``: none
     ignored), then ``rows`` (the last ``len(row_keys)`` passed by keyword). ``tensors``: ``fn``'s tensor keywords
-    (whole, not split by rows); ``static``: its other keywords. ``class_weight`` is checked (``(V,)``) and passed
+    (whole, not split by rows), and those ``local_tensors(targets, class_weight)`` makes from this rank's checked
+    tensors; ``static``: its other keywords. ``class_weight`` is checked (``(V,)``) and passed
     as ``class_weight=``. ``reduction="mean"`` divides by ``mean_weight (...)``, by default the kept targets'
     count (or summed class weights). ``splits``: ``fn`` reduces over the vocabulary through its ``vocab=``, so
     the weight may be split across ranks (``parallel.localize``); a user's function may not.
@@ -65,6 +66,8 @@ def fused_call(name, fn, hidden, weight, bias=None, *, targets=None, target_arg=
     if class_weight is not None:
         tensors["class_weight"] = class_weight
     checks.check_reduction(name, reduction)
+    if local_tensors is not None:
+        tensors.update(local_tensors(targets, class_weight))
     if reduction == "mean" and mean_weight is None and targets is not None:
         mean_weight = kept_row_weight(targets, -100 if ignore_index is None else ignore_index, class_weight)
     if splits:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lce_compile import AuxRequest, FusedOptions, LinearCrossEntropyLoss, linear_cross_entropy
+from lce_compile import AuxRequest, FusedOptions, LinearCrossEntropyLoss, fused_loss, linear_cross_entropy
 from lce_compile.testing import assert_no_less_accurate, forward_backward as run, make_inputs, unfused_cross_entropy
 
 SMALL = FusedOptions(chunk_size=16)  # many chunks, a ragged last one
@@ -158,3 +158,43 @@ def test_grad_weight_dtype_option_widens_the_accumulator():
     assert wide[2].dtype == torch.float32
     torch.testing.assert_close(wide[2], base[2])
     assert (wide[2].double() - gold[2]).abs().mean() <= (base[2].double() - gold[2]).abs().mean() * 1.01
+
+
+def test_z_loss_is_a_mean_over_kept_tokens_whatever_the_class_weights():
+    """The z-loss is a per-token regulariser (PaLM): scaling every class weight leaves the loss unchanged, and the
+    z-term's mean divides by the count of kept tokens."""
+    hidden, weight, targets = make_inputs(300, 32, 97, seed=31)
+    class_weight = torch.rand(97, generator=torch.Generator().manual_seed(4)) + 0.2
+    kw = dict(z_loss=1e-2, options=FusedOptions(chunk_size=64))
+    for cw in (class_weight, 2 * class_weight):
+        got = run(lambda h, w, t: linear_cross_entropy(h, w, t, class_weight=cw, **kw), hidden, weight, targets)
+        gold = run(lambda h, w, t: unfused_cross_entropy(h, w, t, class_weight=cw, z_loss=1e-2), hidden, weight,
+                   targets, torch.float64)
+        for g, w_ in zip(got, gold):
+            torch.testing.assert_close(g, w_.float())
+    scaled = linear_cross_entropy(hidden, weight, targets, class_weight=2 * class_weight, **kw)
+    torch.testing.assert_close(scaled, linear_cross_entropy(hidden, weight, targets, class_weight=class_weight, **kw))
+    kept = targets != -100
+    z_term = 1e-2 * (hidden.double() @ weight.double().T).logsumexp(-1).square()[kept].sum() / kept.sum()
+    ce = unfused_cross_entropy(hidden.double(), weight.double(), targets, class_weight=class_weight.double())
+    torch.testing.assert_close(scaled.double(), ce + z_term)
+
+
+@pytest.mark.parametrize("kw", [{}, {"reduction": "none"}, {"label_smoothing": 0.1, "reduction": "none"},
+                                {"return_aux": AuxRequest(lse=True, correct=True), "reduction": "none"}],
+                         ids=["mean", "none", "smoothing", "aux"])
+def test_a_single_unbatched_token(kw):
+    """hidden (D,), a 0-dim target: per-token outputs are 0-dim, as F.cross_entropy's on (V,) logits."""
+    hidden, weight, _ = make_inputs(1, 16, 53, seed=32)
+    hidden, target = hidden[0], torch.tensor(7)
+    out = linear_cross_entropy(hidden, weight, target, **kw)
+    loss, aux = out if "return_aux" in kw else (out, None)
+    logits = hidden.double() @ weight.double().T
+    want = F.cross_entropy(logits, target, label_smoothing=kw.get("label_smoothing", 0.0))
+    assert loss.shape == () and (aux is None or aux.lse.shape == aux.correct.shape == ())
+    torch.testing.assert_close(loss.double(), want)
+    if aux is not None:
+        torch.testing.assert_close(aux.lse.double(), logits.logsumexp(-1))
+        assert aux.correct.item() == (logits.argmax().item() == 7)
+    fused = fused_loss(F.cross_entropy)(hidden, weight, target, reduction="none")
+    assert fused.shape == () and torch.allclose(fused.double(), F.cross_entropy(logits, target))

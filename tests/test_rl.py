@@ -271,3 +271,51 @@ def test_logprob_transforms_and_statistics(transform):
     for got, want in zip(fused.stats[:2], reference.stats[:2]):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(fused.stats[2], reference.stats[2]) and fused.stats[2].any()
+
+
+@pytest.mark.parametrize("logit_std", [1.0, 6.0, 16.0])
+def test_entropy_and_logprobs_of_confident_rows_no_less_accurate_than_unfused(logit_std):
+    """fp32 against fp64, 512 tokens, V 4096: the entropy and log-probs keep the max and the log-normalizer apart
+    (as log_softmax does), so confident rows (large logits) lose nothing to cancellation; their gradients too."""
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(512, 256, generator=g, dtype=torch.float64)
+    weight = torch.randn(4096, 256, generator=g, dtype=torch.float64) * (logit_std / 256 ** 0.5)
+    ids = torch.randint(0, 4096, (512,), generator=g)
+    up_lp, up_ent = (torch.randn(512, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def objective(lp, ent):
+        return (lp.double() * up_lp).sum() + (ent.double() * up_ent).sum()
+
+    def unfused(h, w):
+        return objective(*ref_logprobs(h, w, ids))
+
+    def fused(h, w):
+        return objective(*linear_token_logprobs(h, w, ids, return_entropy=True, options=FusedOptions(chunk_size=128)))
+
+    for name, pick in (("logprobs", 0), ("entropy", 1)):
+        gold = ref_logprobs(hidden, weight, ids)[pick]
+        ref = ref_logprobs(hidden.float(), weight.float(), ids)[pick]
+        got = linear_token_logprobs(hidden.float(), weight.float(), ids, return_entropy=True)[pick]
+        assert_no_less_accurate((got,), (ref,), (gold,), names=(name,))
+    assert_no_less_accurate(_grads(fused, hidden, weight, torch.float32), _grads(unfused, hidden, weight, torch.float32),
+                            _grads(unfused, hidden, weight, torch.float64),
+                            names=("objective", "grad_hidden", "grad_weight"))
+
+
+def test_a_single_unbatched_token():
+    """hidden (D,), a 0-dim token id: 0-dim log-prob and entropy, and linear_kd_loss(reduction="none") too."""
+    from lce_compile import linear_kd_loss
+    from lce_compile.testing import unfused_kd
+
+    hidden, weight, ids, _, g = _inputs(1, 1, seed=8)
+    hidden, token = hidden[0, 0].float(), ids[0, 0]
+    logp, ent = linear_token_logprobs(hidden, weight.float(), token, return_entropy=True)
+    want_lp, want_ent = ref_logprobs(hidden.double(), weight, token)
+    assert logp.shape == ent.shape == ()
+    torch.testing.assert_close(logp, want_lp.float())
+    torch.testing.assert_close(ent, want_ent.float())
+    t_hidden, t_weight = torch.randn(D, generator=g), torch.randn(V, D, generator=g)
+    kd = linear_kd_loss(hidden, weight.float(), t_hidden, t_weight, reduction="none")
+    assert kd.shape == ()
+    want = unfused_kd(hidden.double()[None], weight, t_hidden.double()[None], t_weight.double(), reduction="none")
+    torch.testing.assert_close(kd, want.float().reshape(()))

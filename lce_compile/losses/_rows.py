@@ -24,17 +24,32 @@ def widen(logits):
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def log_normalizer(z, vocab=LOCAL):
+    """(m, L) per row of fp32 logits ``z`` (C, V): the detached max ``m`` and ``L = log sum exp(z - m) >= 0``, so
+    that ``logsumexp(z) = m + L``. Kept apart, as ``log_softmax`` keeps them: on a confident row ``L`` is tiny and
+    ``m + L`` would round it to the logits' scale, which is what log-probabilities and entropies are made of."""
+    m = vocab.max(z)
+    m = torch.where(torch.isfinite(m), m, 0.0)  # rows of -inf: log(0) = -inf, not NaN
+    return m, torch.log(vocab.sum(torch.exp(z - m.unsqueeze(-1))))
+
+
 def target_log_prob(z, targets, vocab=LOCAL):
-    """(log softmax(z)[target], logsumexp(z)) per row of fp32 logits ``z`` (C, V).
+    """(log softmax(z)[target], logsumexp(z)) per row of fp32 logits ``z`` (C, V); see ``target_log_probs``."""
+    logp, m, norm = target_log_probs(z, targets, vocab)
+    return logp, m + norm
+
+
+def target_log_probs(z, targets, vocab=LOCAL):
+    """(log softmax(z)[target], m, L) per row: ``(z[target] - m) - L``, with ``m, L = log_normalizer(z)``.
 
     The target logit is a masked sum rather than a gather: it fuses into the same pass over the vocabulary as
-    the logsumexp, and its gradient is elementwise (a gather's is a scatter into a (C, V) buffer); on a
+    the normalizer, and its gradient is elementwise (a gather's is a scatter into a (C, V) buffer); on a
     vocabulary shard it is 0 off the shard, so the same sum over ranks picks it.
     Out-of-range targets (unchecked, ``validate=False``, or ignored rows) give NaN, never a plausible number.
     """
-    lse = vocab.logsumexp(z)
+    m, norm = log_normalizer(z, vocab)
     in_range = (targets >= 0) & (targets < vocab.size(z))
-    return torch.where(in_range, target_logit(z, targets, vocab) - lse, float("nan")), lse
+    return torch.where(in_range, (target_logit(z, targets, vocab) - m) - norm, float("nan")), m, norm
 
 
 def target_logit(z, targets, vocab=LOCAL):
@@ -49,14 +64,15 @@ def class_weight_at(class_weight, targets):
     return class_weight.gather(0, index.reshape(-1)).reshape(targets.shape)
 
 
-def entropy(z, lse, vocab=LOCAL):
-    """Entropy of softmax(z) per row, ``lse - sum(p z)``: no (C, V) log-probability tensor is formed.
+def entropy(z, m, norm, vocab=LOCAL):
+    """Entropy of softmax(z) per row, from ``m, norm = log_normalizer(z)``: no (C, V) log-probability tensor.
 
-    ``p z`` is summed as ``exp(z - c) z`` with ``c`` the detached ``lse`` (and ``exp(c - lse) = 1`` outside
-    carrying its gradient), so that the sum depends on the logits alone, as ``Vocab.sum`` on a shard needs.
+    ``-sum(p log p) = sum(p (m - z)) + L = exp(-L) sum(exp(z - m) (m - z)) + L``: every term is >= 0, so nothing
+    cancels on a confident row (``lse - sum(p z)`` does). The sum depends on the logits and the detached ``m``
+    alone, as ``Vocab.sum`` on a shard needs; the gradient flows through ``L``.
     """
-    c = lse.detach()
-    return lse - vocab.sum(torch.exp(z - c.unsqueeze(-1)) * z) * torch.exp(c - lse)
+    shifted = m.unsqueeze(-1) - z  # >= 0
+    return torch.exp(-norm) * vocab.sum(torch.exp(-shifted) * shifted) + norm
 
 
 def kept_row_weight(targets, ignore_index: int, class_weight=None) -> torch.Tensor:
@@ -85,7 +101,7 @@ def k3_kl(ref_logprobs, logprobs):
 
 
 def ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoothing=0.0, logit_scale=1.0,
-            softcap=None, z_loss=0.0, upcast=True, aux_keys=(), vocab=LOCAL):
+            softcap=None, z_loss=0.0, z_scale=None, upcast=True, aux_keys=(), vocab=LOCAL):
     """One chunk of cross-entropy: logits (C, V) -> per-row loss (C,) in fp32, plus requested aux. Ignored rows
     give 0.
 
@@ -97,7 +113,7 @@ def ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoo
     if not upcast:
         out = ce_rows(logits, targets, class_weight=class_weight, ignore_index=ignore_index,
                       label_smoothing=label_smoothing, logit_scale=logit_scale, softcap=softcap, z_loss=z_loss,
-                      aux_keys=aux_keys, vocab=vocab)
+                      z_scale=z_scale, aux_keys=aux_keys, vocab=vocab)
         return out.to(logits.dtype) if not aux_keys else (out[0].to(logits.dtype), out[1])
     z = widen(logits)
     if logit_scale != 1.0:
@@ -105,19 +121,25 @@ def ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoo
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     kept = targets != ignore_index
-    logp, lse = target_log_prob(z, targets, vocab)  # NaN where out of range, ignored rows included
+    logp, m, norm = target_log_probs(z, targets, vocab)  # NaN where out of range, ignored rows included
+    lse = m + norm
     loss = -logp
     if class_weight is not None:  # the full (V,) weights on every rank
         loss = loss * class_weight_at(class_weight.to(z.dtype), targets)
     if label_smoothing:
+        # sum_v w_v (lse - z_v) = L sum_v w_v + sum_v w_v (m - z_v): terms >= 0, nothing cancels
+        shifted = m.unsqueeze(-1) - z
         if class_weight is None:
-            smooth = lse * vocab.size(z) - vocab.sum(z)
+            smooth = norm * vocab.size(z) + vocab.sum(shifted)
         else:
-            smooth = lse * class_weight.to(z.dtype).sum() - vocab.sum(vocab.local(class_weight).to(z.dtype) * z)
+            smooth = norm * class_weight.to(z.dtype).sum() + vocab.sum(vocab.local(class_weight).to(z.dtype) * shifted)
         loss = (1 - label_smoothing) * loss + label_smoothing / vocab.size(z) * smooth
     loss = torch.where(kept, loss, 0.0)
     if z_loss:
-        loss = loss + z_loss * lse.square() * kept
+        # a per-token regulariser: its mean is over kept tokens whatever the class weights (z_scale: the
+        # weighted mean's denominator over the count of kept tokens, so that dividing by the former gives it)
+        z_term = z_loss * lse.square() * kept
+        loss = loss + (z_term if z_scale is None else z_term * z_scale)
     if not aux_keys:
         return loss
     stats = {"loss": loss, "lse": lse}

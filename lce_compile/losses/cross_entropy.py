@@ -27,9 +27,12 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
         logits = softcap * torch.tanh(logits / softcap)      # if softcap is not None
         loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), weight=class_weight,
                                ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
-        loss = loss + z_loss * logits.logsumexp(-1).flatten() ** 2 * (targets.flatten() != ignore_index)
-        # then "mean": loss.sum() / (class_weight[targets] over kept tokens).sum()  (count of kept tokens
-        # without class_weight), "sum": loss.sum(), "none": loss.view(targets.shape)
+        kept = targets.flatten() != ignore_index
+        z_term = z_loss * logits.logsumexp(-1).flatten() ** 2 * kept
+        # "mean": loss.sum() / (class_weight[targets] over kept tokens).sum() + z_term.sum() / kept.sum()
+        #   (the cross-entropy's denominator is the count of kept tokens without class_weight; the z-loss, a
+        #   per-token regulariser, is a mean over kept tokens whatever the class weights),
+        # "sum": (loss + z_term).sum(), "none": (loss + z_term).view(targets.shape)
 
     Args:
         hidden (Tensor): ``(..., D)`` final hidden states; fp32, bf16 or fp16.
@@ -61,13 +64,28 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
     aux_keys = requested_aux(_NAME, return_aux, _AUX)
     static = {"ignore_index": ignore_index, "label_smoothing": float(label_smoothing), "logit_scale": logit_scale,
               "softcap": softcap, "z_loss": float(z_loss), "aux_keys": aux_keys}
+    z_scale = None
+    if z_loss and class_weight is not None and reduction == "mean":
+        # the z-loss's mean is over kept tokens, the cross-entropy's over their class weights: one denominator
+        # (the latter) for both, the z-term scaled by their ratio
+        def z_scale(targets, class_weight):
+            return {"z_scale": _z_scale(targets, ignore_index, class_weight)}
     out = fused_call(_NAME, ce_rows, hidden, weight, bias, targets=targets, ignore_index=ignore_index,
                      class_weight=class_weight, static=static, reduction=reduction, aux_keys=aux_keys,
-                     options=options)
+                     options=options, local_tensors=z_scale)
     if return_aux is None:
         return out
     loss, aux = out if aux_keys else (out, {})
     return loss, AuxOutput(**aux)
+
+
+def _z_scale(targets, ignore_index, class_weight):
+    """(summed class weights of the kept tokens) / (their count); 0 without kept tokens (the loss is NaN then,
+    and its gradients 0)."""
+    kept = targets != ignore_index
+    weights = class_weight.float().gather(0, targets.clamp(0, class_weight.shape[0] - 1).flatten())
+    count = kept.sum()
+    return torch.where(count > 0, (weights * kept.flatten()).sum() / count.clamp(min=1), 0.0)
 
 
 def _check_options(label_smoothing, logit_scale, softcap, z_loss, return_aux):

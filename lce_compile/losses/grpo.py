@@ -9,7 +9,7 @@ from .. import checks
 from ..policy import FusedOptions
 from ..wrap import fused_call
 from ._aux import AuxOutput, AuxRequest, aux_keys, stats_request
-from ._rows import LOCAL, clipped_surrogate, clipped_tokens, k3_kl, target_log_prob, widen
+from ._rows import LOCAL, clipped_surrogate, clipped_tokens, k3_kl, target_log_probs, widen
 from ._rows import entropy as row_entropy
 from .logprobs import check_sequences, check_temperature, token_logprobs
 
@@ -22,7 +22,7 @@ def _grpo_rows(logits, token_ids, row_weight, advantages, old=None, ref=None, *,
     """One chunk of token-level GRPO: each row's weighted loss (C,), so that the engine differentiates the
     chunk in the forward pass (three matmuls). ``row_weight`` holds the mask and the loss type's denominator."""
     z = widen(logits) / temperature
-    logp, lse = target_log_prob(z, token_ids, vocab)
+    logp, m, norm = target_log_probs(z, token_ids, vocab)
     ratio = torch.exp(logp - (logp.detach() if old is None else old))
     loss = clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high)
     kl = None if ref is None else k3_kl(ref, logp)
@@ -32,7 +32,7 @@ def _grpo_rows(logits, token_ids, row_weight, advantages, old=None, ref=None, *,
     if not stats:
         return value
     clipped = clipped_tokens(ratio, advantages, epsilon_low, epsilon_high)
-    aux = (clipped.float(), row_entropy(z, lse, vocab)) + (() if kl is None else (kl,))
+    aux = (clipped.float(), row_entropy(z, m, norm, vocab)) + (() if kl is None else (kl,))
     return value, tuple(a.detach() for a in aux)
 
 

@@ -8,7 +8,7 @@ from .. import checks
 from ..policy import FusedOptions
 from ..wrap import fused_call
 from ._aux import AuxOutput, AuxRequest, aux_keys
-from ._rows import LOCAL, check_transform, target_log_prob, widen
+from ._rows import LOCAL, check_transform, target_log_probs, widen
 from ._rows import entropy as row_entropy
 
 _LOGPROB_AUX = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # the AuxRequest fields log-probs give
@@ -24,11 +24,12 @@ def _logprob_rows(logits, token_ids, *, temperature=1.0, logit_scale=1.0, softca
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     z = z / temperature
-    logp, lse = target_log_prob(z, token_ids, vocab)
-    value = torch.stack((logp, row_entropy(z, lse, vocab)), dim=-1) if entropy else logp
+    logp, m, norm = target_log_probs(z, token_ids, vocab)
+    value = torch.stack((logp, row_entropy(z, m, norm, vocab)), dim=-1) if entropy else logp
     if not aux_keys:
         return value
-    stats = {"log_sum_sq_probs": lambda: vocab.logsumexp(2 * z) - 2 * lse,  # log sum_v p_v^2
+    # log sum_v p_v^2 = log sum_v exp(2 (z_v - m)) - 2 L: the shift keeps the confident rows' digits
+    stats = {"log_sum_sq_probs": lambda: vocab.logsumexp(2 * (z - m.unsqueeze(-1))) - 2 * norm,
              "mean_logits": lambda: vocab.sum(z) / vocab.size(z),
              "is_top1": lambda: vocab.argmax(z) == token_ids}  # argmax takes the first of tied maxima
     return value, tuple(stats[key]().detach() for key in aux_keys)
