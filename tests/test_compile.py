@@ -171,7 +171,7 @@ def _grid():
     return {
         "ce": ce(), "ce_class_weight": ce(class_weight=class_weight), "ce_smoothing": ce(label_smoothing=0.1),
         "ce_softcap": ce(softcap=5.0), "ce_logit_scale": ce(logit_scale=0.5), "ce_z_loss": ce(z_loss=1e-3),
-        "ce_sum": ce(reduction="sum"),
+        "ce_sum": ce(reduction="sum"), "ce_z_loss_class_weight": ce(z_loss=1e-3, class_weight=class_weight),
         "ce_none": lambda h, w: (linear_cross_entropy(h, w, targets, reduction="none", options=SMALL)
                                  * upstream).sum(),
         "ce_return_aux": aux,
@@ -285,3 +285,18 @@ def test_autocast_inside_user_compile_gives_the_eager_result():
     for g, e in zip(got, eager):
         assert g.dtype == e.dtype
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+
+
+def test_a_single_unbatched_token_inside_user_compile():
+    from lce_compile import linear_token_logprobs
+
+    hidden, weight, _ = make_inputs(1, 16, 97, seed=9)
+    hidden, target = hidden[0], torch.tensor(5)
+
+    def loss_fn(h, w, t):
+        logp, entropy = linear_token_logprobs(h, w, t, return_entropy=True)
+        return linear_cross_entropy(h, w, t, reduction="none") + logp + entropy
+
+    got = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(hidden, weight, target)
+    assert got.shape == ()
+    torch.testing.assert_close(got, loss_fn(hidden, weight, target))
