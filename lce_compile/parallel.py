@@ -9,7 +9,7 @@ one all-reduce (a reduce-scatter for sequence-sharded hidden states), done by au
 Exactness: ``Vocab.sum`` all-reduces in forward and passes the gradient through unchanged in backward. That is
 the exact gradient as long as what it sums depends on this rank's logits and on detached values only, and every
 rank computes the same loss from the sums; the row functions are written that way (a log-sum-exp around a
-detached max, an entropy with a detached log-sum-exp inside its sum).
+detached max, an entropy whose sum holds the logits and that detached max only).
 """
 from __future__ import annotations
 
