@@ -37,10 +37,11 @@ _EAGER_KEYS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tl
 _PYTHON_KEYS = (torch._C.DispatchKey.Python, torch._C.DispatchKey.PythonTLSSnapshot)
 
 
-def call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), row_weight=None):
+def call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), row_weight=None, keep=None):
     """Run ``plan`` over ``hidden (..., D)``; returns the loss, or ``(loss, aux tuple)`` if plan has aux.
 
     ``row_weight (...)``: per-row weights whose sum is the denominator of a ``"mean"`` (default: one per row).
+    ``keep``: the index (into the flattened rows) of the only rows to compute; the others give 0, at no cost.
     """
     cast = policy.autocast_dtype(hidden.device)
     if cast is not None:
@@ -51,7 +52,7 @@ def call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), row_wei
         row_inputs = tuple(Head(*(policy.autocast_input(t, cast) for t in r)) if isinstance(r, Head) else r
                            for r in row_inputs)
         with torch.autocast(hidden.device.type, enabled=False):
-            return call(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight)
+            return call(plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, keep)
     if policy.under_function_transform():
         raise checks.function_transform_error(plan.name)
     lead, dim = hidden.shape[:-1], hidden.shape[-1]
@@ -72,7 +73,8 @@ def call(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs=(), row_wei
              grad_on and bias is not None and bias.requires_grad]
     key, numbers = _plan_key(plan, row_inputs)
     tensors = [t for r in row_inputs for t in (r if isinstance(r, Head) else (r,)) if t is not None]
-    out = _fused(_intern(key), numbers, needs, hidden, weight, bias, row_weight, denom, [*tensors, *tensor_kwargs])
+    out = _fused(_intern(key), numbers, needs, hidden, weight, bias, row_weight, denom, keep,
+                 [*tensors, *tensor_kwargs])
     value, aux = out[0], out[2:]
     if plan.reduction == "none":  # tuples: an unbatched token's lead is ()
         value = value.reshape(tuple(lead) + tuple(plan.row_shape))
@@ -145,13 +147,13 @@ def _unpack(plan_id, numbers, tensors):
 # ---- the operators -----------------------------------------------------------------------------------------
 
 def _forward_body(plan: int, numbers: list[float], needs: list[bool], hidden: torch.Tensor, weight: torch.Tensor,
-           bias: torch.Tensor | None, row_weight: torch.Tensor | None, denom: torch.Tensor | None,
-           tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+                  bias: torch.Tensor | None, row_weight: torch.Tensor | None, denom: torch.Tensor | None,
+                  keep: torch.Tensor | None, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """[value, ticket, *aux] of one fused call over hidden (N, D); see the module docstring."""
     plan_, row_inputs, tensor_kwargs = _unpack(plan, numbers, tensors)
     with _eager_state():
         out, grads = engine.forward(plan_, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom,
-                                    tuple(needs))
+                                    tuple(needs), keep)
     ticket = hidden.new_empty(1)
     if grads is not None:
         _hand_over(ticket, grads)
@@ -162,7 +164,7 @@ _fused = torch.library.custom_op("lce_compile::fused_linear_loss", _forward_body
 
 
 @_fused.register_fake
-def _(plan, numbers, needs, hidden, weight, bias, row_weight, denom, tensors):
+def _(plan, numbers, needs, hidden, weight, bias, row_weight, denom, keep, tensors):
     # the row function on fake logits gives the outputs' dtypes and shapes (and its shape errors, while tracing)
     plan_, row_inputs, tensor_kwargs = _unpack(plan, numbers, tensors)
     n = hidden.shape[0]
@@ -174,9 +176,9 @@ def _(plan, numbers, needs, hidden, weight, bias, row_weight, denom, tensors):
 
 
 def _backward_body(plan: int, numbers: list[float], needs: list[bool], grad_value: torch.Tensor,
-                    ticket: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    row_weight: torch.Tensor | None, denom: torch.Tensor | None,
-                    tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+                   ticket: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   row_weight: torch.Tensor | None, denom: torch.Tensor | None, keep: torch.Tensor | None,
+                   tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The wanted ones of [grad_hidden, grad_weight, grad_bias]: handed over by the forward, or recomputed."""
     grads = _HANDED.pop(_ticket_key(ticket), None)
     with _eager_state():
@@ -185,7 +187,7 @@ def _backward_body(plan: int, numbers: list[float], needs: list[bool], grad_valu
         else:
             plan_, row_inputs, tensor_kwargs = _unpack(plan, numbers, tensors)
             grads = engine.backward(plan_, grad_value, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight,
-                                    denom, tuple(needs))
+                                    denom, tuple(needs), keep)
     return [g for g in grads if g is not None]
 
 
@@ -199,29 +201,29 @@ BODIES = {torch.ops.lce_compile.fused_linear_loss.default: _forward_body,
 
 
 @_fused_backward.register_fake
-def _(plan, numbers, needs, grad_value, ticket, hidden, weight, bias, row_weight, denom, tensors):
+def _(plan, numbers, needs, grad_value, ticket, hidden, weight, bias, row_weight, denom, keep, tensors):
     return [torch.empty_like(t) for t, need in zip((hidden, weight, bias), needs) if need]
 
 
 def _setup_context(ctx, inputs, output):
-    plan, numbers, needs, hidden, weight, bias, row_weight, denom, tensors = inputs
+    plan, numbers, needs, hidden, weight, bias, row_weight, denom, keep, tensors = inputs
     ctx.plan, ctx.numbers, ctx.needs = plan, numbers, needs
     ctx.n_numbers, ctx.n_tensors = len(numbers), len(tensors)
     ticket = output[1]
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(ticket, hidden, weight, bias, row_weight, denom, *tensors)
+    ctx.save_for_backward(ticket, hidden, weight, bias, row_weight, denom, keep, *tensors)
 
 
 def _backward(ctx, grads):
     grad_value = grads[0]
     if _is_real(grad_value) and torch.is_grad_enabled():  # create_graph=True: these gradients are not differentiable
         raise checks.double_backward_error(_PLANS[ctx.plan][0].name)
-    ticket, hidden, weight, bias, row_weight, denom, *tensors = ctx.saved_tensors
+    ticket, hidden, weight, bias, row_weight, denom, keep, *tensors = ctx.saved_tensors
     wanted = iter(_fused_backward(ctx.plan, ctx.numbers, ctx.needs, grad_value, ticket, hidden, weight, bias,
-                                  row_weight, denom, tensors))
+                                  row_weight, denom, keep, tensors))
     grad_h, grad_w, grad_b = (next(wanted) if need else None for need in ctx.needs)
     # autograd's structure check reads a list of numbers as one leaf, unless it is empty
-    return None, None if ctx.n_numbers else [], None, grad_h, grad_w, grad_b, None, None, [None] * ctx.n_tensors
+    return None, None if ctx.n_numbers else [], None, grad_h, grad_w, grad_b, None, None, None, [None] * ctx.n_tensors
 
 
 _fused.register_autograd(_backward, setup_context=_setup_context)

@@ -87,10 +87,13 @@ def check_rows(name: str, arg: str, tensor, hidden: torch.Tensor) -> None:
 
 
 def check_targets(name: str, targets, hidden, vocab: int, ignore_index: int | None, validate: bool,
-                  arg: str = "targets") -> None:
+                  arg: str = "targets") -> int | None:
     """Class-index targets: hidden's leading shape exactly, an integer dtype, values in [0, V) or ignore_index
     (``None``: no value is ignored). Any integer dtype is read as int64 class indices (callers convert with
-    ``.long()`` before comparing with ``ignore_index``)."""
+    ``.long()`` before comparing with ``ignore_index``).
+
+    Returns the count of kept targets, read back with the range (one read-back for both), or None when the values
+    are not checked."""
     check_rows(name, arg, targets, hidden)
     if targets.dim() != hidden.dim() - 1:
         raise ValueError(
@@ -102,14 +105,16 @@ def check_targets(name: str, targets, hidden, vocab: int, ignore_index: int | No
             "Probability targets need the full (N, V) tensor and are not supported."
         )
     if not validate or targets.numel() == 0 or torch.compiler.is_compiling() or targets.device.type == "meta":
-        return
+        return None
     targets = targets.long()  # compared as int64: in uint8, ignore_index=-100 would wrap to 156
     kept = targets if ignore_index is None else torch.where(targets != ignore_index, targets, 0)
-    bounds = torch.stack([kept.amin(), kept.amax()]).tolist()  # one read-back for both
+    count = targets.numel() if ignore_index is None else (targets != ignore_index).sum()
+    *bounds, count = torch.stack([kept.amin(), kept.amax(), torch.as_tensor(count, device=kept.device)]).tolist()
     if bounds[0] < 0 or bounds[1] >= vocab:
         bad = bounds[0] if bounds[0] < 0 else bounds[1]
         allowed = "" if ignore_index is None else f" or ignore_index={ignore_index}"
         raise ValueError(f"{name}: {arg} must be in [0, {vocab}){allowed}, got {bad}.")
+    return count
 
 
 def check_class_weight(name: str, arg: str, class_weight, hidden, vocab: int) -> None:

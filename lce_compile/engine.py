@@ -43,17 +43,20 @@ class Head(NamedTuple):
     weight: torch.Tensor            # (V', D')
     bias: Optional[torch.Tensor] = None
 
-    def rows(self, start, end) -> "Head":
-        return Head(self.hidden[start:end], self.weight, self.bias)
-
     def logits(self) -> torch.Tensor:
         with torch.no_grad():
             return ops.linear(self.hidden.detach(), self.weight.detach(),
                                  None if self.bias is None else self.bias.detach())
 
 
-def _rows(row_inputs, start, end):
-    return tuple(r.rows(start, end) if isinstance(r, Head) else r[start:end] for r in row_inputs)
+def _take(t, keep, start, end):
+    """Rows ``start:end`` of the rows the call computes: of ``t`` itself, or of its rows ``keep`` (an index)."""
+    return t[start:end] if keep is None else t.index_select(0, keep[start:end])
+
+
+def _rows(row_inputs, keep, start, end):
+    return tuple(Head(_take(r.hidden, keep, start, end), r.weight, r.bias) if isinstance(r, Head)
+                 else _take(r, keep, start, end) for r in row_inputs)
 
 
 def _materialize(row_inputs):
@@ -71,33 +74,40 @@ def accumulation_dtype(hidden) -> torch.dtype:
     return torch.promote_types(hidden.dtype, torch.float32)
 
 
-def forward(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom, needs):
+def forward(plan: Plan, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom, needs, keep=None):
     """The call's outputs ``(value, *aux)`` over ``hidden (N, D)``, and for a reduced loss whose gradients are
     wanted (``needs``: hidden, weight, bias) the gradients too, computed in the same pass (else ``None``).
+    ``keep``: the index of the rows to compute; the others give 0 (values, aux and gradients), at no cost.
 
     The body of the fused operator (``boundary``): eager PyTorch on real tensors, never traced.
     """
-    sched = policy.schedule(_chunk_step, hidden, weight, plan.options, _buffers(row_inputs))  # decided once
+    sched = _schedule(plan, hidden, weight, row_inputs, keep)  # decided once
     if plan.reduction == "none" or not any(needs):
         values, aux, _ = _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs,
-                                     cotangent=None, row_weight=row_weight, needs=(False, False, False))
+                                     cotangent=None, row_weight=row_weight, needs=(False, False, False), keep=keep)
         return (_reduce(plan, *values, denom), *aux), None
     values, aux, grads = _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs,
                                      cotangent=_reduction_scale(plan, hidden, denom), row_weight=row_weight,
-                                     needs=needs)
+                                     needs=needs, keep=keep)
     return (_reduce(plan, *values, denom), *aux), _finish_grads(grads, hidden, weight, bias)
 
 
-def backward(plan: Plan, grad_value, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom, needs):
+def backward(plan: Plan, grad_value, hidden, weight, bias, row_inputs, tensor_kwargs, row_weight, denom, needs,
+             keep=None):
     """The gradients ``(grad_hidden, grad_weight, grad_bias)`` (``None`` where not ``needs``), recomputing every
     chunk: ``reduction="none"`` (the upstream gradient is per row), or a second backward of a reduced loss."""
-    sched = policy.schedule(_chunk_step, hidden, weight, plan.options, _buffers(row_inputs))
+    sched = _schedule(plan, hidden, weight, row_inputs, keep)
     cotangent = grad_value.to(accumulation_dtype(hidden))
     if plan.reduction != "none":
         cotangent = cotangent * _reduction_scale(plan, hidden, denom)
     _, _, grads = _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, cotangent=cotangent,
-                              row_weight=row_weight if plan.returns == "mean" else None, needs=needs)
+                              row_weight=row_weight if plan.returns == "mean" else None, needs=needs, keep=keep)
     return _finish_grads(grads, hidden, weight, bias)
+
+
+def _schedule(plan, hidden, weight, row_inputs, keep):
+    rows = hidden.shape[0] if keep is None else keep.shape[0]
+    return policy.schedule(_chunk_step, rows, hidden, weight, plan.options, _buffers(row_inputs))
 
 
 def _reduction_scale(plan, hidden, denom):
@@ -150,8 +160,9 @@ def _reduce(plan, values, out_dtype, denom):
     return values.to(out_dtype)
 
 
-def _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotangent, row_weight, needs):
-    """The loop over chunks.
+def _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotangent, row_weight, needs,
+                keep=None):
+    """The loop over chunks (of the rows ``keep``, when given: the others give 0 and exact zero gradients).
 
     cotangent: None (values only), a 0-d scale for every row, or per-row ``(N,)`` upstream gradients.
     Returns ((values, dtype of fn's values), aux, (grad_hidden, grad_weight, grad_bias)): grad_bias summed in fp32,
@@ -162,18 +173,20 @@ def _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, *,
     want_h, want_w, want_b = needs if cotangent is not None else (False, False, False)
     kwargs = dict(plan.kwargs, **dict(zip(plan.tensor_keys, tensor_kwargs)))
     acc = accumulation_dtype(hidden)  # fp32, or fp64 for fp64 inputs
-    grad_h = torch.empty_like(hidden) if want_h else None
+    grad_h = None
+    if want_h:
+        grad_h = torch.empty_like(hidden) if keep is None else torch.zeros_like(hidden)
     grad_w = torch.empty(weight.shape, dtype=sched.grad_weight_dtype, device=weight.device) if want_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if want_b else None
     total = hidden.new_zeros((), dtype=acc)
     pieces, aux_pieces, out_dtype = [], [[] for _ in plan.aux_keys], None
     with sched.context():
         for k, (start, end) in enumerate(sched.bounds):
-            hidden_c, rows_c = hidden[start:end], _materialize(_rows(row_inputs, start, end))
-            cot = cotangent if cotangent is None or cotangent.dim() == 0 else cotangent[start:end]
+            hidden_c, rows_c = _take(hidden, keep, start, end), _materialize(_rows(row_inputs, keep, start, end))
+            cot = cotangent if cotangent is None or cotangent.dim() == 0 else _take(cotangent, keep, start, end)
             chunk_weight = None
             if plan.returns == "mean":  # fn returns a mean over the chunk: weight it by the chunk's share
-                chunk_weight = row_weight[start:end].sum()
+                chunk_weight = _take(row_weight, keep, start, end).sum()
                 cot = None if cot is None else cot * chunk_weight
             # one (C, V) buffer: the logits, then (written by the step, in place) their gradient
             logits = ops.linear(hidden_c, weight, bias)
@@ -186,16 +199,25 @@ def _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, *,
             total = _accumulate(plan, total, pieces, value, chunk_weight)
             for bucket, a in zip(aux_pieces, aux):
                 bucket.append(a)
-            if want_h:
+            if want_h and keep is None:
                 torch.mm(logits, weight, out=grad_h[start:end])
+            elif want_h:
+                grad_h.index_copy_(0, keep[start:end], torch.mm(logits, weight))
             if want_w:
                 ops.add_product_(grad_w, logits.t(), hidden_c, first=k == 0)
             if want_b:
                 grad_b += dbias
             del logits, rows_c  # before the next chunk's buffers are allocated (a teacher's logits too)
-    values = torch.cat(pieces) if plan.reduction == "none" else total
-    aux = tuple(torch.cat(bucket) for bucket in aux_pieces)
+    values = _every_row(torch.cat(pieces), keep, hidden) if plan.reduction == "none" else total
+    aux = tuple(_every_row(torch.cat(bucket), keep, hidden) for bucket in aux_pieces)
     return (values, out_dtype), aux, (grad_h, grad_w, grad_b)
+
+
+def _every_row(computed, keep, hidden):
+    """Per-row results of the computed rows in every row's place: 0 for the rows ``keep`` leaves out."""
+    if keep is None:
+        return computed
+    return computed.new_zeros((hidden.shape[0], *computed.shape[1:])).index_copy_(0, keep, computed)
 
 
 def _chunk_step(fn, kwargs, row_keys, logits, row_inputs, cotangent, want_bias):

@@ -111,11 +111,11 @@ class Schedule:
         return stack
 
 
-def schedule(step: Callable, hidden: torch.Tensor, weight: torch.Tensor, options: FusedOptions,
+def schedule(step: Callable, n: int, hidden: torch.Tensor, weight: torch.Tensor, options: FusedOptions,
              buffers: int = 1) -> Schedule:
-    """The schedule of a call over ``hidden (N, D)``: ``step`` is the engine's chunk step, run as is or compiled.
-    ``buffers``: (C, V) logits buffers a chunk holds (1, plus one per frozen head)."""
-    n, vocab = hidden.shape[0], weight.shape[0]
+    """The schedule of a call over ``n`` rows of ``hidden (N, D)``: ``step`` is the engine's chunk step, run as is
+    or compiled. ``buffers``: (C, V) logits buffers a chunk holds (1, plus one per frozen head)."""
+    vocab = weight.shape[0]
     bounds = tuple(chunk_bounds(n, chunk_rows(weight, options, buffers)))
     compiled = wants_compile(hidden.device, options, n * vocab)
     run = chunk_function(step, compiled, hidden.device, forced=options.compile is True)

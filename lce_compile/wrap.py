@@ -58,10 +58,15 @@ def fused_call(name, fn, hidden, weight, bias=None, *, targets=None, target_arg=
         checks.check_head(name, t_hidden, t_weight, t_bias, prefix="teacher_")
         checks.check_teacher(name, hidden, weight, t_hidden, t_weight)
         row_inputs += (Head(t_hidden, t_weight, t_bias),)
+    keep = None
     if targets is not None:
-        checks.check_targets(name, targets, hidden, size, ignore_index, options.validate, arg=target_arg)
+        count = checks.check_targets(name, targets, hidden, size, ignore_index, options.validate, arg=target_arg)
         targets = targets.long()
         row_inputs += (targets,)
+        if count is not None and ignore_index is not None and count < targets.numel() and not aux_keys:
+            # rows that carry no loss cost nothing: the kept rows are gathered before the matmuls (their count
+            # came back with the target check's one read-back, so this reads nothing more)
+            keep = torch.nonzero_static((targets != ignore_index).flatten(), size=count).squeeze(1)
     checks.check_class_weight(name, class_weight_arg, class_weight, hidden, size)
     if class_weight is not None:
         tensors["class_weight"] = class_weight
@@ -75,7 +80,7 @@ def fused_call(name, fn, hidden, weight, bias=None, *, targets=None, target_arg=
     plan = Plan(name, fn, returns, reduction, static, options, tuple(tensors), tuple(row_keys), tuple(aux_keys),
                 tuple(row_shape))
     out = boundary.call(plan, hidden, weight, bias, (*row_inputs, *rows), tuple(tensors.values()),
-                        mean_weight if reduction == "mean" or returns == "mean" else None)
+                        mean_weight if reduction == "mean" or returns == "mean" else None, keep)
     if aux_keys:
         out = out[0], dict(zip(aux_keys, out[1]))
     if local_finish is not None:

@@ -194,14 +194,16 @@ GRID = _grid()
 @pytest.mark.parametrize("name", list(GRID))
 def test_every_loss_inside_user_compile_gives_the_eager_result(name):
     """fullgraph=True (no graph break), Dynamo + AOTAutograd: the fused operator is one node, whose body is the
-    eager engine, so the compiled call equals the eager one."""
+    eager engine, so the compiled call equals the eager one (up to the order of the weight gradient's sums: an
+    eager call with ignored targets computes the kept rows only, which it counts in its one read-back, and a
+    compiled one, which never reads back, computes every row)."""
     loss_fn = GRID[name]
     hidden, weight, _ = make_inputs((4, 30), 16, 97, seed=2)
     eager = run(lambda h, w, t: loss_fn(h, w), hidden, weight, None)
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     got = run(lambda h, w, t: compiled(h, w), hidden, weight, None)
     for g, e in zip(got, eager):
-        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g, e)
 
 
 def _graph_tensor_sizes(loss_fn, hidden, weight):

@@ -198,3 +198,63 @@ def test_a_single_unbatched_token(kw):
         assert aux.correct.item() == (logits.argmax().item() == 7)
     fused = fused_loss(F.cross_entropy)(hidden, weight, target, reduction="none")
     assert fused.shape == () and torch.allclose(fused.double(), F.cross_entropy(logits, target))
+
+
+class _MatmulFlops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Multiply-adds of every matmul, inside the fused operators too."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from lce_compile.boundary import BODIES
+        if func in BODIES:
+            with self:
+                return BODIES[func](*args, **(kwargs or {}))
+        packet = func.overloadpacket
+        if packet in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            a, b = args[:2] if packet is torch.ops.aten.mm else args[1:3]
+            self.flops += a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("loss", ["linear_cross_entropy", "none", "fused_loss(F.cross_entropy)", "kd"])
+def test_rows_without_a_loss_cost_nothing(loss):
+    """Ignored targets: only the kept rows reach the matmuls (their count comes back with the target check's one
+    read-back), so the matmul work is the kept fraction of the work on every row; the ignored rows' values and
+    gradients are exact zeros, and the result is the unfused one."""
+    from lce_compile import linear_kd_loss
+    from lce_compile.testing import unfused_kd
+
+    hidden, weight, targets = make_inputs(400, 24, 97, seed=33, ignored=0.5)
+    t_hidden, t_weight, _ = make_inputs(400, 24, 97, seed=34)
+    kept = int((targets != -100).sum())
+    fused = {
+        "linear_cross_entropy": lambda h, w, t, o: linear_cross_entropy(h, w, t, label_smoothing=0.1, options=o),
+        "none": lambda h, w, t, o: linear_cross_entropy(h, w, t, reduction="none", options=o),
+        "fused_loss(F.cross_entropy)": lambda h, w, t, o: fused_loss(F.cross_entropy)(h, w, t, options=o),
+        "kd": lambda h, w, t, o: linear_kd_loss(h, w, t_hidden, t_weight, t, kind="jsd", options=o),
+    }[loss]
+    unfused = {
+        "linear_cross_entropy": lambda h, w, t: unfused_cross_entropy(h, w, t, label_smoothing=0.1),
+        "none": lambda h, w, t: unfused_cross_entropy(h, w, t, reduction="none"),
+        "fused_loss(F.cross_entropy)": lambda h, w, t: F.cross_entropy(h @ w.T, t),
+        "kd": lambda h, w, t: unfused_kd(h, w, t_hidden.to(h.dtype), t_weight.to(h.dtype), t, kind="jsd"),
+    }[loss]
+    upstream = torch.randn(400, generator=torch.Generator().manual_seed(3)) if loss == "none" else None
+    with _MatmulFlops() as gathered:
+        got = run(lambda h, w, t: fused(h, w, t, None), hidden, weight, targets, upstream=upstream)
+    gold = run(unfused, hidden, weight, targets, torch.float64, upstream=upstream)
+    for g, w_ in zip(got, gold):
+        torch.testing.assert_close(g, w_.float())
+    assert (got[1][targets == -100] == 0).all()  # exact zeros, not small numbers
+    if loss == "none":
+        assert (got[0][targets == -100] == 0).all()
+    # without the read-back (validate=False, or inside torch.compile) every row is computed, to the same result
+    with _MatmulFlops() as every_row:
+        again = run(lambda h, w, t: fused(h, w, t, FusedOptions(validate=False)), hidden, weight, targets,
+                    upstream=upstream)
+    assert gathered.flops * 400 == every_row.flops * kept, (gathered.flops, every_row.flops, kept)
+    for g, a in zip(got, again):
+        torch.testing.assert_close(g, a)

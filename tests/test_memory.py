@@ -51,9 +51,10 @@ def test_peak_is_gradients_plus_chunk_budget(name):
 def test_peak_does_not_grow_with_tokens():
     small, small_grads = _measure(LOSSES["linear_cross_entropy"], 1024)
     large, large_grads = _measure(LOSSES["linear_cross_entropy"], 8192)
-    # only grad_hidden (and O(N) vectors) grow with N; the chunk part stays put
+    # only grad_hidden and O(N) vectors (targets, masks, the kept rows' index: < 48 bytes a row, against
+    # D * 4 = 256 for a hidden row) grow with N; the chunk part stays put
     growth = (large.peak - large_grads) - (small.peak - small_grads)
-    assert growth <= 8192 * 32, f"chunk memory grew by {growth / 1e6:.2f} MB from N=1024 to N=8192"
+    assert growth <= 8192 * 48, f"chunk memory grew by {growth / 1e6:.2f} MB from N=1024 to N=8192"
 
 
 def test_weight_gradient_is_not_copied():
