@@ -117,7 +117,8 @@ def schedule(step: Callable, n: int, hidden: torch.Tensor, weight: torch.Tensor,
     or compiled. ``buffers``: (C, V) logits buffers a chunk holds (1, plus one per frozen head)."""
     vocab = weight.shape[0]
     bounds = tuple(chunk_bounds(n, chunk_rows(weight, options, buffers)))
-    compiled = wants_compile(hidden.device, options, n * vocab)
+    # decided by the whole call's size, not by how many of its rows carry a loss: one shape, one decision
+    compiled = wants_compile(hidden.device, options, hidden.shape[0] * vocab)
     run = chunk_function(step, compiled, hidden.device, forced=options.compile is True)
     return Schedule(bounds, compiled, run, grad_weight_dtype(weight, options), hidden.device)
 
