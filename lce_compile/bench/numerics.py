@@ -6,7 +6,7 @@ under a random upstream gradient): the mean relative error against an fp64 unfus
 next to the unfused PyTorch code's own error in the same dtype, in fp32 and bf16, at 1, 8 and 32 chunks. Also:
 the dtype each output accumulates in, as the engine does it, and how far each output moves with the chunk count.
 
-    python -m lce_compile.bench.numerics                       # CPU, N=2048 D=256 V=8192 (~1 min on 2 cores)
+    python -m lce_compile.bench.numerics                       # CPU, N=2048 D=256 V=8192 (~15 s on 2 cores)
     python -m lce_compile.bench.numerics --device cuda --json numerics_h200.json   # N=8192 D=4096 V=32768
 
 Error: ``mean|x - gold| / mean|gold|`` in fp64 over the output's elements (``|x - gold| / |gold|`` for the loss),
@@ -41,6 +41,7 @@ SHORT = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", t
 
 
 def widen(logits):
+    """fp32 for 16-bit logits, fp64 kept: the unfused code's ``.float()``, written apart from the engine's."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
@@ -63,8 +64,13 @@ def unfused_logprobs(hidden, weight, bias, token_ids, head=F.linear):
 
 
 def fused_cross_entropy(hidden, weight, bias, targets, options=None):
-    loss, aux = linear_cross_entropy(hidden, weight, targets, bias=bias, return_aux=AuxRequest(lse=True),
-                                     options=options)
+    """The loss and gradients of the plain call, the path training takes (ignored rows are not computed: the
+    chunks cover the kept rows only); the per-token lse from a forward with ``return_aux``, which computes every
+    row."""
+    loss = linear_cross_entropy(hidden, weight, targets, bias=bias, options=options)
+    with torch.no_grad():
+        _, aux = linear_cross_entropy(hidden, weight, targets, bias=bias, return_aux=AuxRequest(lse=True),
+                                      options=options)
     return loss, aux.lse
 
 
@@ -124,6 +130,7 @@ def measure(shape, device, chunks=CHUNKS, dtypes=DTYPES, compile=None, seed=0, s
     n, d, v = shape
     device = torch.device(device)
     case = make_case(n, d, v, device, seed)
+    kept = int((case["targets"] >= 0).sum())
     errors, invariance = [], []
     for family in VALUES:
         gold = run(family, UNFUSED[family], case, torch.float64)
@@ -162,6 +169,10 @@ def measure(shape, device, chunks=CHUNKS, dtypes=DTYPES, compile=None, seed=0, s
     return {"errors": errors, "invariance": invariance,
             "accumulation": {dname: accumulation(device, dtype) for dname, dtype in dtypes.items()},
             "chunk_rows": {str(k): -(-n // k) for k in chunks},
+            # the chunks those rows make: k, or fewer for a tiny N (48 rows at 2 a chunk: 24); the cross-entropy's
+            # loss and gradients chunk its kept rows only
+            "chunks_run": {str(k): len(policy.chunk_bounds(n, -(-n // k))) for k in chunks},
+            "chunks_run_kept": {str(k): len(policy.chunk_bounds(kept, -(-n // k))) for k in chunks},
             "compiled": policy.wants_compile(device, FusedOptions(compile=compile), n * v)}
 
 
@@ -260,6 +271,7 @@ def parse_shape(text):
     if len(shape) != 3 or min(shape) < 1:
         raise SystemExit(f"--shape must be three positive integers N,D,V, got {text!r}.")
     return shape
+
 
 if __name__ == "__main__":
     main()

@@ -83,7 +83,8 @@ def _z_scale(targets, ignore_index, class_weight):
     """(summed class weights of the kept tokens) / (their count); 0 without kept tokens (the loss is NaN then,
     and its gradients 0)."""
     kept = targets != ignore_index
-    weights = class_weight.float().gather(0, targets.clamp(0, class_weight.shape[0] - 1).flatten())
+    weights = class_weight.to(torch.promote_types(class_weight.dtype, torch.float32))
+    weights = weights.gather(0, targets.clamp(0, class_weight.shape[0] - 1).flatten())
     count = kept.sum()
     return torch.where(count > 0, (weights * kept.flatten()).sum() / count.clamp(min=1), 0.0)
 
