@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import warnings
 from typing import Callable
 
 import torch
@@ -25,13 +24,11 @@ _CHUNK_MEMORY = 0.5
 # The default's cap on one chunk's logits (a huge head's half would be several GiB); a chunk_memory the user
 # gives is taken as is, up to one chunk of every token, the fast end (docs/benchmarks.md: the time-memory curve).
 _MAX_CHUNK_BYTES = 1 << 30
-# Compiled by default: CUDA always; the CPU from 2**26 logits per call, where fusing the chunk's
-# elementwise work pays for Inductor's C++ build (~12 s for the first call, once per loss and dtype); below
-# that, eager chunks. Measured at 2**25 logits (2 cores, torch 2.13, 2026-12-01; docs/benchmarks.md): compiled
-# chunks were as fast as eager unfused side by side (cross-entropy 0.99, against 1.36 with eager chunks) but
-# their fp32 errors were 3.5x the unfused code's (Inductor's CPU sums), so the threshold stays.
-# MPS: Inductor's Metal backend is still experimental.
-_COMPILE_FROM_LOGITS = {"cuda": 0, "cpu": 1 << 26}
+# Compiled by default on CUDA only. On the CPU Inductor's C++ reductions sum a row in plain vectorized order:
+# compiled chunks were as fast as the unfused code at 2**25 logits (2 cores, torch 2.13, 2026-12-01) but their
+# fp32 errors were 2.6-53x the unfused code's (docs/numerics.md, 2026-12-05), so the CPU runs eager chunks
+# unless FusedOptions(compile=True) asks. MPS: Inductor's Metal backend is still experimental.
+_COMPILE_FROM_LOGITS = {"cuda": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +45,9 @@ class FusedOptions:
             token in one chunk (the unfused code's memory: the gradients plus the ``(N, V)`` logits).
             Default: 0.5 on CUDA and MPS, at most 1 GiB of logits; on the CPU ``chunk_size`` is D / 4
             rows (64 to 256), unless ``chunk_memory`` is given. docs/benchmarks.md measures the curve.
-        compile (bool, optional): compile the chunk functions with ``torch.compile``. Default: on CUDA;
-            on the CPU from 2**26 logits per call (N * V), where it is faster. ``compile=False`` keeps the
-            chunking, for debugging.
+        compile (bool, optional): compile the chunk functions with ``torch.compile``. Default: on CUDA; on
+            the CPU only when asked (Inductor's CPU sums are less precise: docs/numerics.md). ``compile=False``
+            keeps the chunking, for debugging.
         validate (bool): check target values (range) before the chunk loop. This reads one scalar back
             from the device; it is skipped inside ``torch.compile``. Unchecked out-of-range targets give a
             NaN loss (never an error from inside the chunk loop). Default: ``True``.
@@ -119,7 +116,7 @@ def schedule(step: Callable, n: int, hidden: torch.Tensor, weight: torch.Tensor,
     bounds = tuple(chunk_bounds(n, chunk_rows(weight, options, buffers)))
     # decided by the whole call's size, not by how many of its rows carry a loss: one shape, one decision
     compiled = wants_compile(hidden.device, options, hidden.shape[0] * vocab)
-    run = chunk_function(step, compiled, hidden.device, forced=options.compile is True)
+    run = chunk_function(step, compiled, hidden.device)
     return Schedule(bounds, compiled, run, grad_weight_dtype(weight, options), hidden.device)
 
 
@@ -187,44 +184,27 @@ def _compiled(step):
     return torch.compile(step, fullgraph=True, options=_STEP_OPTIONS)
 
 
-def chunk_function(step, compiled: bool, device: torch.device, forced: bool = False):
+def chunk_function(step, compiled: bool, device: torch.device):
     """``step`` compiled, or ``step`` itself. Called by the fused operator's body, which a user's
-    ``torch.compile`` never traces.
-
-    ``forced``: the user asked for ``compile=True``. Otherwise a CPU without a working C++ compiler (Inductor's
-    CPU code is C++) falls back to eager chunks, once, with a warning.
-    """
+    ``torch.compile`` never traces. On the CPU (compiled only when asked) a missing C++ compiler raises with
+    the fix."""
     if not compiled:
         return step
     if device.type != "cpu":
         return _compiled(step)
-    if _no_cpu_compiler and not forced:
-        return step
-    return functools.partial(_run_compiled, _compiled(step), step, forced)
+    return functools.partial(_run_compiled, _compiled(step))
 
 
-_no_cpu_compiler = False  # set once a CPU compile found no C++ compiler
-
-
-def _run_compiled(compiled, eager, forced, *args):
-    global _no_cpu_compiler
-    if _no_cpu_compiler and not forced:  # found missing by an earlier chunk of this call
-        return eager(*args)
+def _run_compiled(compiled, *args):
     try:
         return compiled(*args)
     except Exception as exc:
         if not _is_missing_compiler(exc):
             raise
-        if forced:
-            raise RuntimeError("lce_compile: FusedOptions(compile=True) needs a working C++ compiler on the CPU "
-                               "(torch.compile's Inductor builds C++ there), and none was found: install g++ or "
-                               "clang++ (or point the CXX environment variable at one), or pass "
-                               "FusedOptions(compile=False).") from exc
-        _no_cpu_compiler = True
-        warnings.warn("lce_compile: no working C++ compiler for torch.compile on the CPU, so the chunks run eagerly "
-                      "(slower, same results). Install g++ or clang++ (or set CXX), or pass "
-                      "FusedOptions(compile=False) to choose eager chunks and silence this warning.", stacklevel=4)
-        return eager(*args)
+        raise RuntimeError("lce_compile: FusedOptions(compile=True) needs a working C++ compiler on the CPU "
+                           "(torch.compile's Inductor builds C++ there), and none was found: install g++ or "
+                           "clang++ (or point the CXX environment variable at one), or pass "
+                           "FusedOptions(compile=False).") from exc
 
 
 def _is_missing_compiler(exc) -> bool:

@@ -237,7 +237,7 @@ def parse_args(argv=None):
                         help="chunk counts, the first the baseline of the invariance table (default: %(default)s)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="compile the chunk steps (FusedOptions(compile=...)); auto: the library's choice "
-                             "(CUDA; the CPU from 2**26 logits per call)")
+                             "(CUDA; the CPU only with FusedOptions(compile=True))")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the results and metadata here")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
