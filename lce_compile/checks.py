@@ -87,13 +87,13 @@ def check_rows(name: str, arg: str, tensor, hidden: torch.Tensor) -> None:
 
 
 def check_targets(name: str, targets, hidden, vocab: int, ignore_index: int | None, validate: bool,
-                  arg: str = "targets") -> int | None:
+                  arg: str = "targets", kept=None) -> int | None:
     """Class-index targets: hidden's leading shape exactly, an integer dtype, values in [0, V) or ignore_index
     (``None``: no value is ignored). Any integer dtype is read as int64 class indices (callers convert with
     ``.long()`` before comparing with ``ignore_index``).
 
-    Returns the count of kept targets, read back with the range (one read-back for both), or None when the values
-    are not checked."""
+    Returns the count of kept targets (or of the True rows of ``kept``, a mask with targets' shape), read back with
+    the range (one read-back for both), or None when the values are not checked."""
     check_rows(name, arg, targets, hidden)
     if targets.dim() != hidden.dim() - 1:
         raise ValueError(
@@ -107,9 +107,12 @@ def check_targets(name: str, targets, hidden, vocab: int, ignore_index: int | No
     if not validate or targets.numel() == 0 or torch.compiler.is_compiling() or targets.device.type == "meta":
         return None
     targets = targets.long()  # compared as int64: in uint8, ignore_index=-100 would wrap to 156
-    kept = targets if ignore_index is None else torch.where(targets != ignore_index, targets, 0)
-    count = targets.numel() if ignore_index is None else (targets != ignore_index).sum()
-    *bounds, count = torch.stack([kept.amin(), kept.amax(), torch.as_tensor(count, device=kept.device)]).tolist()
+    if kept is None:
+        kept = None if ignore_index is None else targets != ignore_index
+    count = targets.numel() if kept is None else kept.to(torch.bool).sum()
+    checked = targets if ignore_index is None else torch.where(targets != ignore_index, targets, 0)
+    *bounds, count = torch.stack([checked.amin(), checked.amax(),
+                                  torch.as_tensor(count, device=checked.device)]).tolist()
     if bounds[0] < 0 or bounds[1] >= vocab:
         bad = bounds[0] if bounds[0] < 0 else bounds[1]
         allowed = "" if ignore_index is None else f" or ignore_index={ignore_index}"

@@ -25,7 +25,7 @@ _RETURNS = ("rows", "sum", "mean")
 def fused_call(name, fn, hidden, weight, bias=None, *, targets=None, target_arg="targets", ignore_index=-100,
                class_weight=None, class_weight_arg="class_weight", teacher=None, rows=(), row_keys=(), tensors=None,
                static=None, returns="rows", reduction="none", mean_weight=None, aux_keys=(), row_shape=(),
-               options=None, splits=True, extras=(), local_tensors=None, local_finish=None):
+               options=None, splits=True, kept=None, extras=(), local_tensors=None, local_finish=None):
     """One fused call of the row function ``fn``, set up once for every loss.
 
     Row inputs, in ``fn``'s order: the teacher's head ``teacher = (hidden, weight, bias)`` (its logits per chunk),
@@ -34,7 +34,8 @@ def fused_call(name, fn, hidden, weight, bias=None, *, targets=None, target_arg=
     (whole, not split by rows), and those ``local_tensors(targets, class_weight)`` makes from this rank's checked
     tensors; ``static``: its other keywords. ``class_weight`` is checked (``(V,)``) and passed
     as ``class_weight=``. ``reduction="mean"`` divides by ``mean_weight (...)``, by default the kept targets'
-    count (or summed class weights). ``splits``: ``fn`` reduces over the vocabulary through its ``vocab=``, so
+    count (or summed class weights). ``kept`` (targets' shape): the rows whose values and aux the caller uses (by
+    default the targets other than ``ignore_index``); the others may come back as 0. ``splits``: ``fn`` reduces over the vocabulary through its ``vocab=``, so
     the weight may be split across ranks (``parallel.localize``); a user's function may not.
 
     Returns the loss, or ``(loss, {aux key: per-row tensor})``, passed through ``local_finish(out, *extras)`` on
@@ -46,9 +47,10 @@ def fused_call(name, fn, hidden, weight, bias=None, *, targets=None, target_arg=
     tensors, static = dict(tensors or {}), dict(static or {})
     t_hidden, t_weight, t_bias = teacher or (None, None, None)
     hidden, weight, bias, others, vocab, finish = parallel.localize(
-        name, hidden, weight, bias, targets, class_weight, mean_weight, t_hidden, *rows, *tensors.values(), *extras)
-    targets, class_weight, mean_weight, t_hidden = others[:4]
-    rows, others = others[4: 4 + len(rows)], others[4 + len(rows):]
+        name, hidden, weight, bias, targets, class_weight, mean_weight, t_hidden, kept, *rows, *tensors.values(),
+        *extras)
+    targets, class_weight, mean_weight, t_hidden, kept = others[:5]
+    rows, others = others[5: 5 + len(rows)], others[5 + len(rows):]
     tensors, extras = dict(zip(tensors, others[: len(tensors)])), others[len(tensors):]
     checks.check_head(name, hidden, weight, bias)
     size = vocab.total(weight)
@@ -60,13 +62,16 @@ def fused_call(name, fn, hidden, weight, bias=None, *, targets=None, target_arg=
         row_inputs += (Head(t_hidden, t_weight, t_bias),)
     keep = None
     if targets is not None:
-        count = checks.check_targets(name, targets, hidden, size, ignore_index, options.validate, arg=target_arg)
+        count = checks.check_targets(name, targets, hidden, size, ignore_index, options.validate, arg=target_arg,
+                                     kept=kept)
         targets = targets.long()
         row_inputs += (targets,)
-        if count is not None and ignore_index is not None and count < targets.numel() and not aux_keys:
+        if kept is None and ignore_index is not None and not aux_keys:  # an ignored row's aux is a number
+            kept = targets != ignore_index
+        if count is not None and kept is not None and count < targets.numel():
             # rows that carry no loss cost nothing: the kept rows are gathered before the matmuls (their count
             # came back with the target check's one read-back, so this reads nothing more)
-            keep = torch.nonzero_static((targets != ignore_index).flatten(), size=count).squeeze(1)
+            keep = torch.nonzero_static(kept.reshape(-1).to(torch.bool), size=count).squeeze(1)
     checks.check_class_weight(name, class_weight_arg, class_weight, hidden, size)
     if class_weight is not None:
         tensors["class_weight"] = class_weight

@@ -319,3 +319,26 @@ def test_a_single_unbatched_token():
     assert kd.shape == ()
     want = unfused_kd(hidden.double()[None], weight, t_hidden.double()[None], t_weight.double(), reduction="none")
     torch.testing.assert_close(kd, want.float().reshape(()))
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_masked_tokens_cost_nothing(level):
+    """GRPO (token and sequence level) and DPO: completion tokens outside the mask are not computed (the matmul
+    work is the kept fraction, their count read back with the token-id check), and the losses are unchanged."""
+    from test_cross_entropy import _MatmulFlops
+
+    hidden, weight, ids, mask, g = _inputs(4, 40, seed=9, dtype=torch.float32)
+    adv, ref = torch.randn(4, generator=g), -torch.rand(4, generator=g) * 50
+    kept = int(mask.sum())
+    losses = {"grpo": lambda h, w, o: linear_grpo_loss(h, w, ids, mask, adv, importance_sampling_level=level,
+                                                       options=o),
+              "dpo": lambda h, w, o: linear_dpo_loss(h, w, ids, mask, ref, options=o)}
+    for name, loss in losses.items():
+        with _MatmulFlops() as gathered:
+            got = _grads(lambda h, w: loss(h, w, None), hidden, weight, torch.float32)
+        with _MatmulFlops() as every_row:  # validate=False: nothing read back, every row computed
+            want = _grads(lambda h, w: loss(h, w, FusedOptions(validate=False)), hidden, weight, torch.float32)
+        assert gathered.flops * mask.numel() == every_row.flops * kept, name
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        assert (got[1].reshape(-1, D)[~mask.reshape(-1)] == 0).all(), name  # exact zeros

@@ -70,8 +70,9 @@ def linear_dpo_loss(hidden, weight, token_ids, completion_mask, ref_logprobs, *,
         return loss, {"chosen_rewards": chosen.detach(), "rejected_rewards": rejected.detach(),
                       "reward_accuracy": (chosen > rejected).float().mean().detach()}
 
+    # masked tokens' log-probs are multiplied by 0 in the sequence sums: they are not computed
     out = token_logprobs(name, hidden, weight, token_ids, bias=bias, temperature=temperature, options=options,
-                         extras=(completion_mask, ref_logprobs), then=preference)
+                         kept=completion_mask, extras=(completion_mask, ref_logprobs), then=preference)
     return with_stats(out, return_stats, legacy, return_aux)
 
 

@@ -130,8 +130,9 @@ def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, 
             clipped = clipped_tokens(ratio, adv, epsilon_low, epsilon_high)
             return loss, _grpo_stats(mask, clipped.expand_as(mask).float(), token_entropy, kl)
 
+    # masked tokens' log-probs and entropies are multiplied by 0 above: they are not computed
     out = token_logprobs(name, hidden, weight, token_ids, bias=bias, temperature=temperature, options=options,
-                         return_entropy=return_stats,
+                         return_entropy=return_stats, kept=completion_mask,
                          extras=(completion_mask, advantages, old_logprobs, ref_logprobs), then=sequence_level)
     return with_stats(out, return_stats, legacy, return_aux)
 
@@ -184,7 +185,7 @@ def _token_level_grpo(hidden, weight, token_ids, completion_mask, advantages, ol
 
     return fused_call(name, _grpo_rows, hidden, weight, bias, targets=token_ids, target_arg="token_ids",
                       ignore_index=None, rows=rows, row_keys=keys, static=static, returns="rows", reduction="sum",
-                      aux_keys=aux_keys, options=options, extras=(mask,), local_finish=stats)
+                      aux_keys=aux_keys, options=options, kept=completion_mask, extras=(mask,), local_finish=stats)
 
 
 def _check_grpo(name, advantages, old, ref, beta, epsilon_low, epsilon_high, loss_type, level,

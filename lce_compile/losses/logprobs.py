@@ -78,9 +78,10 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature: 
 
 
 def token_logprobs(name, hidden, weight, token_ids, *, bias, temperature, options, softcap=None, logit_scale=1.0,
-                   return_entropy=False, return_aux=None, extras=(), then=None):
+                   return_entropy=False, return_aux=None, kept=None, extras=(), then=None):
     """linear_token_logprobs under the caller's ``name``; ``then(result, *extras)``, if given, turns the result
-    into the caller's on this rank's tensors (``extras`` localized like the inputs)."""
+    into the caller's on this rank's tensors (``extras`` localized like the inputs). ``kept``: the tokens whose
+    results the caller uses (a completion mask); the others come back as 0, uncomputed."""
     check_temperature(name, temperature)
     check_transform(name, logit_scale, softcap)
     requested = aux_keys(name, return_aux, _LOGPROB_AUX)
@@ -100,7 +101,7 @@ def token_logprobs(name, hidden, weight, token_ids, *, bias, temperature, option
 
     return fused_call(name, _logprob_rows, hidden, weight, bias, targets=token_ids, target_arg="token_ids",
                       ignore_index=None, static=static, row_shape=(2,) if with_entropy else (), aux_keys=detached,
-                      options=options, extras=extras, local_finish=unpack)
+                      options=options, kept=kept, extras=extras, local_finish=unpack)
 
 
 def check_temperature(name, temperature):
