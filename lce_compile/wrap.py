@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn import _reduction
 
-from . import boundary, checks, parallel, policy
+from . import boundary, checks, parallel
 from .engine import Head, Plan
 from .losses._rows import ce_rows, kept_row_weight, nll_rows, widen
 from .policy import DEFAULT_OPTIONS, FusedOptions
@@ -35,8 +35,9 @@ def fused_call(name, fn, hidden, weight, bias=None, *, targets=None, target_arg=
     tensors; ``static``: its other keywords. ``class_weight`` is checked (``(V,)``) and passed
     as ``class_weight=``. ``reduction="mean"`` divides by ``mean_weight (...)``, by default the kept targets'
     count (or summed class weights). ``kept`` (targets' shape): the rows whose values and aux the caller uses (by
-    default the targets other than ``ignore_index``); the others may come back as 0. ``splits``: ``fn`` reduces over the vocabulary through its ``vocab=``, so
-    the weight may be split across ranks (``parallel.localize``); a user's function may not.
+    default the targets other than ``ignore_index``); the others may come back as 0. ``splits``: ``fn`` reduces
+    over the vocabulary through its ``vocab=``, so the weight may be split across ranks (``parallel.localize``);
+    a user's function may not.
 
     Returns the loss, or ``(loss, {aux key: per-row tensor})``, passed through ``local_finish(out, *extras)`` on
     this rank's tensors (``extras`` localized like the inputs), then made DTensors if the inputs were.

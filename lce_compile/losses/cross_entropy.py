@@ -1,6 +1,8 @@
 """Fused linear cross-entropy: softcap, z-loss, label smoothing, class weights, bias, per-token stats."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -8,7 +10,7 @@ from .. import checks
 from ..policy import FusedOptions
 from ..wrap import fused_call
 from ._aux import AuxOutput, AuxRequest, aux_keys as requested_aux
-from ._rows import ce_rows, check_transform
+from ._rows import ce_rows, check_transform, kept_row_weight
 
 _NAME = "linear_cross_entropy"
 _AUX = ("loss", "lse", "correct")  # the AuxRequest fields cross-entropy gives
@@ -68,8 +70,7 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
     if z_loss and class_weight is not None and reduction == "mean":
         # the z-loss's mean is over kept tokens, the cross-entropy's over their class weights: one denominator
         # (the latter) for both, the z-term scaled by their ratio
-        def z_scale(targets, class_weight):
-            return {"z_scale": _z_scale(targets, ignore_index, class_weight)}
+        z_scale = functools.partial(_z_scale, ignore_index)
     out = fused_call(_NAME, ce_rows, hidden, weight, bias, targets=targets, ignore_index=ignore_index,
                      class_weight=class_weight, static=static, reduction=reduction, aux_keys=aux_keys,
                      options=options, local_tensors=z_scale)
@@ -79,14 +80,12 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
     return loss, AuxOutput(**aux)
 
 
-def _z_scale(targets, ignore_index, class_weight):
-    """(summed class weights of the kept tokens) / (their count); 0 without kept tokens (the loss is NaN then,
-    and its gradients 0)."""
-    kept = targets != ignore_index
-    weights = class_weight.to(torch.promote_types(class_weight.dtype, torch.float32))
-    weights = weights.gather(0, targets.clamp(0, class_weight.shape[0] - 1).flatten())
-    count = kept.sum()
-    return torch.where(count > 0, (weights * kept.flatten()).sum() / count.clamp(min=1), 0.0)
+def _z_scale(ignore_index, targets, class_weight):
+    """``{"z_scale": (summed class weights of the kept tokens) / (their count)}``; 0 without kept tokens (the loss
+    is NaN then, and its gradients 0)."""
+    count = (targets != ignore_index).sum()
+    weights = kept_row_weight(targets, ignore_index, class_weight).sum()
+    return {"z_scale": torch.where(count > 0, weights / count.clamp(min=1), 0.0)}
 
 
 def _check_options(label_smoothing, logit_scale, softcap, z_loss, return_aux):
