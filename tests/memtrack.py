@@ -1,4 +1,5 @@
-"""Record every tensor allocation through a dispatch mode: live bytes, their peak, and the largest tensor."""
+"""Dispatch modes that see inside the fused operators, and one that records every tensor allocation: live bytes,
+their peak, and the largest tensor."""
 import weakref
 
 import torch
@@ -8,7 +9,23 @@ from torch.utils._pytree import tree_leaves
 from lce_compile.boundary import BODIES
 
 
-class AllocationTracker(TorchDispatchMode):
+class InsideFusedOps(TorchDispatchMode):
+    """A dispatch mode that sees every op, those inside the fused operators too: a mode sees an operator as one
+    op and runs it with itself set aside, so its body runs here with the mode active. Subclasses define
+    ``dispatch(func, args, kwargs)``."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        body = BODIES.get(func)
+        if body is not None:
+            with self:
+                return body(*args, **(kwargs or {}))
+        return self.dispatch(func, args, kwargs or {})
+
+    def dispatch(self, func, args, kwargs):
+        return func(*args, **kwargs)
+
+
+class AllocationTracker(InsideFusedOps):
     """Tracks storages that ops create while active (CPU backward runs on this thread, so it counts too).
 
     ``inputs``' storages are not counted (views of them are not allocations); any other storage an op
@@ -22,12 +39,8 @@ class AllocationTracker(TorchDispatchMode):
         self.sizes = []           # numel of every tensor created
         self._seen = {t.untyped_storage().data_ptr() for t in inputs}
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        body = BODIES.get(func)
-        if body is not None:  # a fused operator: count what its body allocates, op by op
-            with self:
-                return body(*args, **(kwargs or {}))
-        out = func(*args, **(kwargs or {}))
+    def dispatch(self, func, args, kwargs):
+        out = func(*args, **kwargs)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 self._track(t)
