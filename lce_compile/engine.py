@@ -5,6 +5,12 @@ row (or a scalar it declares as a sum or a mean of rows). The engine computes ``
 one chunk of rows at a time, runs ``fn`` on the chunk, and, when gradients are wanted, differentiates the
 chunk right away (gradient-in-forward), so no ``(N, V)`` tensor ever exists. ``forward`` and ``backward`` are
 the bodies of the fused operator (``boundary.py``): plain eager code on real tensors, whoever the caller is.
+
+A row function that reads the logits only through its target's log-probability may say so: its attribute
+``log_prob_form(**kwargs)`` returns, for the call's options, an object with ``value(logp, *row_inputs, **kwargs)``
+(the rows from ``logp = log_softmax(z)[target]``, the row inputs passed as to ``fn``), ``scale`` and ``divisor`` (``z = logits * scale / divisor``),
+or None. Uncompiled CPU chunks then run PyTorch's log-softmax kernel in place of the logits and write the
+gradient ``p - onehot`` over it: one ``(C, V)`` buffer and three passes (``_log_prob_step``).
 """
 from __future__ import annotations
 
@@ -160,6 +166,16 @@ def _reduce(plan, values, out_dtype, denom):
     return values.to(out_dtype)
 
 
+def _log_prob_form(plan, sched, row_inputs):
+    """plan.fn's log-probability form for this call, where uncompiled CPU chunks can use it, else None."""
+    form = getattr(plan.fn, "log_prob_form", None)
+    if form is None or not policy.in_place_log_softmax(sched) or plan.returns != "rows" or not row_inputs:
+        return None
+    if isinstance(row_inputs[0], Head):
+        return None
+    return form(**plan.kwargs)
+
+
 def _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotangent, row_weight, needs,
                 keep=None):
     """The loop over chunks (of the rows ``keep``, when given: the others give 0 and exact zero gradients).
@@ -180,6 +196,7 @@ def _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, *,
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if want_b else None
     total = hidden.new_zeros((), dtype=acc)
     pieces, aux_pieces, out_dtype = [], [[] for _ in plan.aux_keys], None
+    form = _log_prob_form(plan, sched, row_inputs)
     with sched.context():
         for k, (start, end) in enumerate(sched.bounds):
             hidden_c, rows_c = _take(hidden, keep, start, end), _materialize(_rows(row_inputs, keep, start, end))
@@ -189,11 +206,14 @@ def _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, *,
                 chunk_weight = _take(row_weight, keep, start, end).sum()
                 cot = None if cot is None else cot * chunk_weight
             # one (C, V) buffer: the logits, then (written by the step, in place) their gradient
-            logits = ops.linear(hidden_c, weight, bias)
-            step = sched.step_for(end - start, _chunk_step)
-            if step is not _chunk_step:
-                policy.mark_rows_dynamic(logits, *rows_c, cot)
-            value, aux, dbias = step(plan.fn, kwargs, plan.row_keys, logits, rows_c, cot, want_b)
+            logits = ops.linear(hidden_c, weight, bias, rows_contiguous=form is not None)
+            if form is not None:
+                value, aux, dbias = _log_prob_step(form, kwargs, plan.row_keys, logits, rows_c, cot, want_b)
+            else:
+                step = sched.step_for(end - start, _chunk_step)
+                if step is not _chunk_step:
+                    policy.mark_rows_dynamic(logits, *rows_c, cot)
+                value, aux, dbias = step(plan.fn, kwargs, plan.row_keys, logits, rows_c, cot, want_b)
             _check_value(plan, value, end - start)
             out_dtype = value.dtype
             total = _accumulate(plan, total, pieces, value, chunk_weight)
@@ -242,6 +262,47 @@ def _chunk_step(fn, kwargs, row_keys, logits, row_inputs, cotangent, want_bias):
     dbias = dlogits.sum(0, dtype=cotangent.dtype) if want_bias else None
     logits.copy_(dlogits)
     return value, aux, dbias
+
+
+def _log_prob_step(form, kwargs, row_keys, logits, row_inputs, cotangent, want_bias):
+    """``_chunk_step`` for a row function's log-probability ``form`` (see the module docstring): the same values
+    and, with a cotangent, the same gradient written over ``logits`` (contiguous rows), with no (C, V) temporary
+    for fp32 and fp64 logits.
+
+    ``log_softmax`` runs in place (the CPU kernel reads a row before writing it), exactly as the unfused code
+    computes it; the gradient is ``dvalue/dlogp * (onehot - exp(log_softmax))`` per row, as the unfused backward
+    forms it from the same log-softmax.
+    """
+    targets = row_inputs[0]
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    if form.scale != 1.0:
+        z.mul_(form.scale)
+    if form.divisor != 1.0:
+        z.div_(form.divisor)
+    torch._log_softmax(z, 1, False, out=z)
+    in_range = (targets >= 0) & (targets < z.shape[1])
+    index = torch.where(in_range, targets, 0).unsqueeze(1)
+    logp = torch.where(in_range, z.gather(1, index).squeeze(1), float("nan"))  # unchecked: NaN, as in the rows
+    if cotangent is None:
+        return _apply(form.value, kwargs, row_keys, logp, row_inputs)[0], (), None
+
+    def objective(logp):
+        value = _apply(form.value, kwargs, row_keys, logp, row_inputs)[0]
+        return (value.to(cotangent.dtype) * cotangent).sum(), value
+
+    dlogp, (_, value) = grad_and_value(objective, has_aux=True)(logp)
+    factor = -dlogp
+    if form.scale != 1.0:
+        factor = factor * form.scale
+    if form.divisor != 1.0:
+        factor = factor / form.divisor
+    z.exp_()
+    z.scatter_add_(1, index, -in_range.to(z.dtype).unsqueeze(1))  # p - onehot
+    z.mul_(factor.to(z.dtype).unsqueeze(1))
+    if z is not logits:
+        logits.copy_(z)
+    dbias = logits.sum(0, dtype=cotangent.dtype) if want_bias else None  # of the gradient the matmuls use
+    return value, (), dbias
 
 
 def _check_value(plan, value, rows):

@@ -21,6 +21,11 @@ __all__ = ["FusedOptions"]
 # gradients. 0.5 keeps the H200 benchmark heads within 1.5x while chunks stay large (1024-2048 rows) enough
 # for full-speed matmuls and few passes over the weight gradient.
 _CHUNK_MEMORY = 0.5
+# The default's absolute part: at least this many bytes of logits per chunk. Half a small head is a few hundred
+# rows, where a chunk's matmuls and passes run below speed to save memory that is small in absolute terms: token
+# log-probs at D = 896 (Qwen2.5-0.5B's head, 0.27 GiB) took 1.54x TRL's kernel at 448-row chunks, while TRL
+# spent 0.8 GiB above the gradients (H200, 2026-12-01). Heads of >= 1 GiB keep half their bytes.
+_MIN_CHUNK_BYTES = 512 << 20
 # The default's cap on one chunk's logits (a huge head's half would be several GiB); a chunk_memory the user
 # gives is taken as is, up to one chunk of every token, the fast end (docs/benchmarks.md: the time-memory curve).
 _MAX_CHUNK_BYTES = 1 << 30
@@ -43,8 +48,9 @@ class FusedOptions:
             one more pass over the weight gradient; larger is faster up to one chunk of every token.
             Any positive float: a value given is taken as is (no cap), and ``float("inf")`` puts every
             token in one chunk (the unfused code's memory: the gradients plus the ``(N, V)`` logits).
-            Default: 0.5 on CUDA and MPS, at most 1 GiB of logits; on the CPU ``chunk_size`` is D / 4
-            rows (64 to 256), unless ``chunk_memory`` is given. docs/benchmarks.md measures the curve.
+            Default on CUDA and MPS: 0.5, but at least 512 MiB and at most 1 GiB of logits (shared with a
+            teacher's); on the CPU ``chunk_size`` is D / 4 rows (64 to 256), unless ``chunk_memory`` is given.
+            docs/benchmarks.md measures the curve.
         compile (bool, optional): compile the chunk functions with ``torch.compile``. Default: on CUDA; on
             the CPU only when asked (Inductor's CPU sums are less precise: docs/numerics.md). ``compile=False``
             keeps the chunking, for debugging.
@@ -139,7 +145,8 @@ def chunk_rows(weight: torch.Tensor, options: FusedOptions, buffers: int = 1) ->
         return _ONE_CHUNK
     row_bytes = max(weight.shape[0], 1) * weight.element_size() * buffers
     if options.chunk_memory is None:
-        budget = min(_CHUNK_MEMORY * weight.numel() * weight.element_size(), _MAX_CHUNK_BYTES)
+        half = _CHUNK_MEMORY * weight.numel() * weight.element_size()
+        budget = min(max(half, _MIN_CHUNK_BYTES), _MAX_CHUNK_BYTES)
     else:  # the user's budget, uncapped
         budget = options.chunk_memory * weight.numel() * weight.element_size()
     if budget / row_bytes >= _ONE_CHUNK:  # more rows than any N: one chunk
@@ -170,6 +177,13 @@ def wants_compile(device: torch.device, options: FusedOptions, logits: int) -> b
 # recomputing is as fast (measured: JSD rows on an H200, 54.9 vs 55.3 ms) and keeps the chunk at one buffer
 # (JSD: 1.48x instead of 1.95x the floor).
 _STEP_OPTIONS = {"realize_opcount_threshold": 1 << 20, "realize_reads_threshold": 1 << 20}
+
+
+def in_place_log_softmax(sched: Schedule) -> bool:
+    """Whether uncompiled chunks may run a row function's log-probability form (engine ``_log_prob_step``):
+    on the CPU, whose log-softmax kernel reads each row before writing it, so it runs in place. Elsewhere (and
+    compiled) the row function itself is differentiated."""
+    return not sched.compiled and sched.device.type == "cpu"
 
 
 def recomputes_shared_values(device: torch.device) -> bool:

@@ -1,4 +1,5 @@
-"""Chunk sizes (policy.chunk_rows): the default's 1 GiB cap, a user's chunk_memory taken as is, and one chunk.
+"""Chunk sizes (policy.chunk_rows): the default's 512 MiB floor and 1 GiB cap, a user's chunk_memory taken as is, and
+one chunk.
 
 Meta tensors: the sizes depend on the weight's shape, dtype and device type only, so no memory is allocated.
 """
@@ -19,6 +20,18 @@ def _weight(v, d, dtype=torch.bfloat16):
 def test_default_is_half_the_weight(v, d, rows):
     """The benchmark heads' default chunks (docs/design.md): chunk_memory 0.5, whole 128-row tiles."""
     assert chunk_rows(_weight(v, d), FusedOptions()) == rows
+
+
+@pytest.mark.parametrize("v,d", [(151936, 896), (151936, 1536), (32000, 64)])
+def test_default_has_an_absolute_part(v, d):
+    """A small head's half is a few hundred rows: the default chunk holds at least 512 MiB of logits instead (one
+    chunk of every token for a tiny head), whole 128-row tiles; shared with a teacher's buffer."""
+    weight = _weight(v, d)
+    rows = chunk_rows(weight, FusedOptions())
+    assert rows * v * 2 <= policy._MIN_CHUNK_BYTES < (rows + 128) * v * 2
+    assert rows > chunk_rows(weight, FusedOptions(chunk_memory=0.5))
+    assert chunk_rows(weight, FusedOptions(), buffers=2) * v * 2 * 2 <= policy._MIN_CHUNK_BYTES
+    assert chunk_rows(_weight(151936, 896), FusedOptions()) == 1664  # Qwen2.5-0.5B: 448 rows at half its head
 
 
 def test_default_stays_capped_at_1_gib():

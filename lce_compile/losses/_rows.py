@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -146,6 +147,33 @@ def ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoo
     if "correct" in aux_keys:
         stats["correct"] = (vocab.argmax(z) == targets) & kept
     return loss, tuple(stats[key].detach() for key in aux_keys)
+
+
+class LogProbForm(NamedTuple):
+    """A row function's values from its target's log-probability alone (see ``engine``): ``value(logp,
+    *row_inputs, **kwargs)`` with ``logp = log_softmax(logits * scale / divisor)[target]``."""
+
+    value: Callable
+    scale: float = 1.0
+    divisor: float = 1.0
+
+
+def ce_from_log_prob(logp, targets, *, class_weight=None, ignore_index=-100, **_):
+    """``ce_rows`` without smoothing or z-loss, from ``logp = log_softmax(z)[target]``."""
+    loss = -logp
+    if class_weight is not None:
+        loss = loss * class_weight_at(class_weight.to(logp.dtype), targets)
+    return torch.where(targets != ignore_index, loss, 0.0)
+
+
+def _ce_log_prob_form(*, label_smoothing=0.0, logit_scale=1.0, softcap=None, z_loss=0.0, upcast=True,
+                      aux_keys=(), vocab=LOCAL, **_):
+    if label_smoothing or softcap is not None or z_loss or not upcast or aux_keys or vocab is not LOCAL:
+        return None
+    return LogProbForm(ce_from_log_prob, scale=logit_scale)
+
+
+ce_rows.log_prob_form = _ce_log_prob_form
 
 
 def nll_rows(logits, targets, *, class_weight=None, ignore_index=-100, upcast=True, vocab=LOCAL):

@@ -9,7 +9,7 @@ from .. import checks
 from ..policy import FusedOptions
 from ..wrap import fused_call
 from ._aux import AuxOutput, AuxRequest, aux_keys, stats_request
-from ._rows import LOCAL, clipped_surrogate, clipped_tokens, k3_kl, target_log_probs, widen
+from ._rows import LOCAL, LogProbForm, clipped_surrogate, clipped_tokens, k3_kl, target_log_probs, widen
 from ._rows import entropy as row_entropy
 from .logprobs import check_sequences, check_temperature, token_logprobs
 
@@ -23,17 +23,34 @@ def _grpo_rows(logits, token_ids, row_weight, advantages, old=None, ref=None, *,
     chunk in the forward pass (three matmuls). ``row_weight`` holds the mask and the loss type's denominator."""
     z = widen(logits) / temperature
     logp, m, norm = target_log_probs(z, token_ids, vocab)
-    ratio = torch.exp(logp - (logp.detach() if old is None else old))
-    loss = clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high)
-    kl = None if ref is None else k3_kl(ref, logp)
-    if kl is not None and beta:
-        loss = loss + beta * kl
-    value = torch.where(row_weight != 0, loss * row_weight, 0.0)
+    value, ratio, kl = _grpo_terms(logp, row_weight, advantages, old, ref, beta, epsilon_low, epsilon_high)
     if not stats:
         return value
     clipped = clipped_tokens(ratio, advantages, epsilon_low, epsilon_high)
     aux = (clipped.float(), row_entropy(z, m, norm, vocab)) + (() if kl is None else (kl,))
     return value, tuple(a.detach() for a in aux)
+
+
+def _grpo_terms(logp, row_weight, advantages, old, ref, beta, epsilon_low, epsilon_high):
+    """Each row's weighted loss from its log-prob, with the ratio and the k3 KL (None without ``ref``)."""
+    ratio = torch.exp(logp - (logp.detach() if old is None else old))
+    loss = clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high)
+    kl = None if ref is None else k3_kl(ref, logp)
+    if kl is not None and beta:
+        loss = loss + beta * kl
+    return torch.where(row_weight != 0, loss * row_weight, 0.0), ratio, kl
+
+
+def _grpo_from_log_prob(logp, token_ids, row_weight, advantages, old=None, ref=None, *, beta=0.0, epsilon_low=0.2,
+                        epsilon_high=0.2, **_):
+    return _grpo_terms(logp, row_weight, advantages, old, ref, beta, epsilon_low, epsilon_high)[0]
+
+
+def _grpo_log_prob_form(*, temperature=1.0, stats=False, vocab=LOCAL, **_):
+    return None if stats or vocab is not LOCAL else LogProbForm(_grpo_from_log_prob, divisor=temperature)
+
+
+_grpo_rows.log_prob_form = _grpo_log_prob_form
 
 
 def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, old_logprobs=None,

@@ -8,7 +8,7 @@ from .. import checks
 from ..policy import FusedOptions
 from ..wrap import fused_call
 from ._aux import AuxOutput, AuxRequest, aux_keys
-from ._rows import LOCAL, check_transform, target_log_probs, widen
+from ._rows import LOCAL, LogProbForm, check_transform, target_log_probs, widen
 from ._rows import entropy as row_entropy
 
 _LOGPROB_AUX = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # the AuxRequest fields log-probs give
@@ -33,6 +33,19 @@ def _logprob_rows(logits, token_ids, *, temperature=1.0, logit_scale=1.0, softca
              "mean_logits": lambda: vocab.sum(z) / vocab.size(z),
              "is_top1": lambda: vocab.argmax(z) == token_ids}  # argmax takes the first of tied maxima
     return value, tuple(stats[key]().detach() for key in aux_keys)
+
+
+def _log_prob_itself(logp, token_ids, **_):
+    return logp
+
+
+def _logprob_form(*, temperature=1.0, logit_scale=1.0, softcap=None, entropy=False, aux_keys=(), vocab=LOCAL, **_):
+    if softcap is not None or entropy or aux_keys or vocab is not LOCAL:
+        return None
+    return LogProbForm(_log_prob_itself, scale=logit_scale, divisor=temperature)
+
+
+_logprob_rows.log_prob_form = _logprob_form
 
 
 def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature: float = 1.0,

@@ -1,0 +1,145 @@
+"""Uncompiled CPU chunks of a row function that reads the logits only through the target's log-probability
+(cross-entropy without smoothing or z-loss, token log-probs, and the RL losses built on them) run PyTorch's
+log-softmax in place of the logits: the same values and gradients as the generic chunk, in one (C, V) buffer."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lce_compile import (FusedOptions, engine, fused_loss, linear_cross_entropy, linear_grpo_loss,
+                         linear_token_logprobs, policy)
+from memtrack import AllocationTracker
+
+N, D, V = 45, 16, 97
+CHUNK = 8
+OPTIONS = FusedOptions(chunk_size=CHUNK)
+
+
+def _inputs(dtype, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, D, generator=g, dtype=torch.float64) / D ** 0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::3] = -100
+    upstream = torch.randn(N, generator=g, dtype=torch.float64)
+    class_weight = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    return hidden, weight, b, targets, upstream, class_weight
+
+
+def _ce_ref(logits, targets, class_weight=None, logit_scale=1.0, reduction="mean"):
+    return F.cross_entropy(logits * logit_scale, targets, weight=class_weight, reduction=reduction)
+
+
+def _lp_ref(logits, targets, temperature=1.0, logit_scale=1.0):
+    z = (logits * logit_scale) / temperature
+    return z.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+
+# name -> (fused(h, w, b, t, cw, up), unfused on the logits(logits, t, cw, up), bias?)
+CASES = {
+    "ce mean": (lambda h, w, b, t, cw, up: linear_cross_entropy(h, w, t, options=OPTIONS),
+                lambda z, t, cw, up: _ce_ref(z, t), False),
+    "ce class weights, bias, sum": (
+        lambda h, w, b, t, cw, up: linear_cross_entropy(h, w, t, bias=b, class_weight=cw.to(h.dtype),
+                                                        reduction="sum", options=OPTIONS),
+        lambda z, t, cw, up: _ce_ref(z, t, cw, reduction="sum"), True),
+    "ce logit_scale, none": (
+        lambda h, w, b, t, cw, up: (linear_cross_entropy(h, w, t, logit_scale=0.7, reduction="none",
+                                                         options=OPTIONS) * up).sum(),
+        lambda z, t, cw, up: (_ce_ref(z, t, logit_scale=0.7, reduction="none") * up).sum(), False),
+    "fused_loss(F.cross_entropy)": (
+        lambda h, w, b, t, cw, up: fused_loss(F.cross_entropy)(h, w, t, options=OPTIONS),
+        lambda z, t, cw, up: _ce_ref(z, t), False),
+    "log-probs, temperature, logit_scale": (
+        lambda h, w, b, t, cw, up: (linear_token_logprobs(h, w, t.clamp(min=0), bias=b, temperature=0.6,
+                                                          logit_scale=1.3, options=OPTIONS) * up).sum(),
+        lambda z, t, cw, up: (_lp_ref(z, t, 0.6, 1.3) * up).sum(), True),
+}
+
+
+def _grads(fn, dtype, inputs, use_form, monkeypatch):
+    hidden, weight, b, targets, upstream, cw = inputs
+    calls = []
+    real = engine._log_prob_step
+    monkeypatch.setattr(engine, "_log_prob_step", lambda *a: calls.append(1) or real(*a))
+    if not use_form:
+        monkeypatch.setattr(policy, "in_place_log_softmax", lambda sched: False)
+    leaves = [t if t is None else t.detach().to(dtype).clone().requires_grad_() for t in (hidden, weight, b)]
+    value = fn(*leaves, targets, cw, upstream.to(dtype))
+    value.backward()
+    monkeypatch.undo()
+    return [value.detach().double()] + [t.grad.double() for t in leaves if t is not None], len(calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_log_prob_form_equals_the_unfused_code(name, dtype, monkeypatch):
+    fused, unfused, bias = CASES[name]
+    inputs = _inputs(dtype, bias=bias)
+    hidden, weight, b, targets, upstream, cw = inputs
+    got, calls = _grads(fused, dtype, inputs, True, monkeypatch)
+    assert calls > 0, "the log-probability form was not used"
+    generic, generic_calls = _grads(fused, dtype, inputs, False, monkeypatch)
+    assert generic_calls == 0
+    leaves = [t if t is None else t.detach().clone().requires_grad_() for t in (hidden, weight, b)]
+    logits = leaves[0] @ leaves[1].T + (0 if b is None else leaves[2])
+    want = unfused(logits, targets, cw, upstream)
+    want.backward()
+    want = [want.detach()] + [t.grad for t in leaves if t is not None]
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    for i, (g, r, w) in enumerate(zip(got, generic, want)):
+        torch.testing.assert_close(g, w, **tol, msg=lambda m: f"output {i} against the unfused code: {m}")
+        torch.testing.assert_close(g, r, **tol, msg=lambda m: f"output {i} against the generic chunk: {m}")
+
+
+@pytest.mark.parametrize("kwargs", [dict(label_smoothing=0.1), dict(z_loss=1e-4), dict(softcap=5.0)],
+                         ids=lambda kw: next(iter(kw)))
+def test_other_options_run_the_generic_chunk(kwargs, monkeypatch):
+    hidden, weight, _, targets, _, _ = _inputs(torch.float32)
+    hidden, weight = hidden.float().requires_grad_(), weight.float()
+    calls = []
+    monkeypatch.setattr(engine, "_log_prob_step", lambda *a: calls.append(1))
+    linear_cross_entropy(hidden, weight, targets, options=OPTIONS, **kwargs).backward()
+    linear_token_logprobs(hidden, weight, targets.clamp(min=0), return_entropy=True,
+                          options=OPTIONS)[1].sum().backward()
+    assert not calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_in_place_log_softmax_equals_the_out_of_place_kernel(dtype):
+    """What the form relies on: the CPU kernel reads each contiguous row before writing it."""
+    z = torch.randn(37, 5000, dtype=dtype) * 8
+    z[3, :100] = float("-inf")
+    want = torch.log_softmax(z, 1)
+    torch._log_softmax(z, 1, False, out=z)
+    assert torch.equal(z, want)
+
+
+def _peak(loss_fn, n, d, v):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(n, d, generator=g, requires_grad=True)
+    weight = (torch.randn(v, d, generator=g) / d ** 0.5).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g)
+    with AllocationTracker(inputs=(hidden, weight, targets)) as tracker:
+        loss_fn(hidden, weight, targets).backward()
+    return tracker.peak - hidden.grad.nbytes - weight.grad.nbytes
+
+
+@pytest.mark.parametrize("name", ["cross-entropy", "log-probs", "grpo"])
+def test_a_chunk_holds_one_logits_buffer(name):
+    n, d, v, chunk = 1024, 64, 8192, 64
+    options = FusedOptions(chunk_size=chunk)
+    rollout = torch.Generator().manual_seed(2)
+    old = -torch.rand(n, generator=rollout) * 5
+    adv = torch.randn(n // 64, generator=rollout)
+    loss_fn = {
+        "cross-entropy": lambda h, w, t: linear_cross_entropy(h, w, t, options=options),
+        "log-probs": lambda h, w, t: linear_token_logprobs(h, w, t, options=options).sum(),
+        "grpo": lambda h, w, t: linear_grpo_loss(h.view(n // 64, 64, d), w, t.view(n // 64, 64),
+                                                 torch.ones(n // 64, 64, dtype=torch.bool), adv,
+                                                 old_logprobs=old.view(n // 64, 64), options=options),
+    }[name]
+    above = _peak(loss_fn, n, d, v)
+    buffer = chunk * v * 4
+    # one (C, V) buffer, plus O(N) and O(C, D) vectors (grad_hidden's rows, the loss's per-token tensors)
+    assert above <= 1.25 * buffer, f"{above / buffer:.2f} (C, V) buffers above the gradients"
