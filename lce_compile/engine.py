@@ -6,11 +6,13 @@ one chunk of rows at a time, runs ``fn`` on the chunk, and, when gradients are w
 chunk right away (gradient-in-forward), so no ``(N, V)`` tensor ever exists. ``forward`` and ``backward`` are
 the bodies of the fused operator (``boundary.py``): plain eager code on real tensors, whoever the caller is.
 
-A row function that reads the logits only through its target's log-probability may say so: its attribute
-``log_prob_form(**kwargs)`` returns, for the call's options, an object with ``value(logp, *row_inputs, **kwargs)``
-(the rows from ``logp = log_softmax(z)[target]``, the row inputs passed as to ``fn``), ``scale`` and ``divisor`` (``z = logits * scale / divisor``),
-or None. Uncompiled CPU chunks then run PyTorch's log-softmax kernel in place of the logits and write the
-gradient ``p - onehot`` over it: one ``(C, V)`` buffer and three passes (``_log_prob_step``).
+A row function may also bring its own uncompiled chunk step, for chunks that run in place (policy: the CPU's):
+its attribute ``eager_step(**options)`` returns, for the call's non-tensor options, ``step(logits, args,
+kwargs, cotangent, want_bias) -> (value, aux, dbias)`` with ``_chunk_step``'s contract (the rows' values; with a
+cotangent, their gradient written over ``logits``), or None. ``logits`` and the frozen heads' logits in ``args``
+are then contiguous rows the step may overwrite; ``args``/``kwargs`` are fn's row and keyword inputs. The
+cross-entropy and log-prob rows use it to run PyTorch's log-softmax kernel in place (``_rows.log_prob_step``),
+distillation its divergences: one or two buffers where differentiating ``fn`` holds five or more.
 """
 from __future__ import annotations
 
@@ -49,10 +51,10 @@ class Head(NamedTuple):
     weight: torch.Tensor            # (V', D')
     bias: Optional[torch.Tensor] = None
 
-    def logits(self) -> torch.Tensor:
+    def logits(self, rows_contiguous=False) -> torch.Tensor:
         with torch.no_grad():
             return ops.linear(self.hidden.detach(), self.weight.detach(),
-                                 None if self.bias is None else self.bias.detach())
+                              None if self.bias is None else self.bias.detach(), rows_contiguous)
 
 
 def _take(t, keep, start, end):
@@ -65,9 +67,9 @@ def _rows(row_inputs, keep, start, end):
                  else _take(r, keep, start, end) for r in row_inputs)
 
 
-def _materialize(row_inputs):
+def _materialize(row_inputs, rows_contiguous=False):
     """Frozen heads' chunk logits in place of the heads (one matmul each, outside the compiled step)."""
-    return tuple(r.logits() if isinstance(r, Head) else r for r in row_inputs)
+    return tuple(r.logits(rows_contiguous) if isinstance(r, Head) else r for r in row_inputs)
 
 
 def _buffers(row_inputs) -> int:
@@ -144,9 +146,15 @@ def with_kwargs(plan: Plan, kwargs: dict) -> Plan:
 
 def _apply(fn, kwargs, row_keys, logits, row_inputs):
     """fn(logits, *row inputs, **kwargs), the last ``len(row_keys)`` row inputs passed by keyword."""
-    split = len(row_inputs) - len(row_keys)
-    out = fn(logits, *row_inputs[:split], **dict(kwargs, **dict(zip(row_keys, row_inputs[split:]))))
+    args, kwargs = _split(kwargs, row_keys, row_inputs)
+    out = fn(logits, *args, **kwargs)
     return (out[0], tuple(out[1])) if isinstance(out, tuple) else (out, ())
+
+
+def _split(kwargs, row_keys, row_inputs):
+    """(fn's positional row inputs, its keyword arguments with the last ``len(row_keys)`` row inputs)."""
+    split = len(row_inputs) - len(row_keys)
+    return row_inputs[:split], dict(kwargs, **dict(zip(row_keys, row_inputs[split:])))
 
 
 def _accumulate(plan, total, pieces, value, chunk_weight):
@@ -166,14 +174,12 @@ def _reduce(plan, values, out_dtype, denom):
     return values.to(out_dtype)
 
 
-def _log_prob_form(plan, sched, row_inputs):
-    """plan.fn's log-probability form for this call, where uncompiled CPU chunks can use it, else None."""
-    form = getattr(plan.fn, "log_prob_form", None)
-    if form is None or not policy.in_place_log_softmax(sched) or plan.returns != "rows" or not row_inputs:
+def _own_step(plan, sched):
+    """plan.fn's own chunk step for this call's options, where the policy runs chunks in place; else None."""
+    make = getattr(plan.fn, "eager_step", None)
+    if make is None or not policy.in_place_chunks(sched) or plan.returns != "rows":
         return None
-    if isinstance(row_inputs[0], Head):
-        return None
-    return form(**plan.kwargs)
+    return make(**plan.kwargs)
 
 
 def _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, *, cotangent, row_weight, needs,
@@ -196,19 +202,22 @@ def _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, *,
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if want_b else None
     total = hidden.new_zeros((), dtype=acc)
     pieces, aux_pieces, out_dtype = [], [[] for _ in plan.aux_keys], None
-    form = _log_prob_form(plan, sched, row_inputs)
+    own = _own_step(plan, sched)
     with sched.context():
         for k, (start, end) in enumerate(sched.bounds):
-            hidden_c, rows_c = _take(hidden, keep, start, end), _materialize(_rows(row_inputs, keep, start, end))
+            hidden_c = _take(hidden, keep, start, end)
+            rows_c = _materialize(_rows(row_inputs, keep, start, end), rows_contiguous=own is not None)
             cot = cotangent if cotangent is None or cotangent.dim() == 0 else _take(cotangent, keep, start, end)
             chunk_weight = None
             if plan.returns == "mean":  # fn returns a mean over the chunk: weight it by the chunk's share
                 chunk_weight = _take(row_weight, keep, start, end).sum()
                 cot = None if cot is None else cot * chunk_weight
             # one (C, V) buffer: the logits, then (written by the step, in place) their gradient
-            logits = ops.linear(hidden_c, weight, bias, rows_contiguous=form is not None)
-            if form is not None:
-                value, aux, dbias = _log_prob_step(form, kwargs, plan.row_keys, logits, rows_c, cot, want_b)
+            logits = ops.linear(hidden_c, weight, bias, rows_contiguous=own is not None)
+            args = None
+            if own is not None:
+                args, fn_kwargs = _split(kwargs, plan.row_keys, rows_c)
+                value, aux, dbias = own(logits, args, fn_kwargs, cot, want_b)
             else:
                 step = sched.step_for(end - start, _chunk_step)
                 if step is not _chunk_step:
@@ -227,7 +236,7 @@ def _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, *,
                 ops.add_product_(grad_w, logits.t(), hidden_c, first=k == 0)
             if want_b:
                 grad_b += dbias
-            del logits, rows_c  # before the next chunk's buffers are allocated (a teacher's logits too)
+            del logits, rows_c, args  # before the next chunk's buffers are allocated (a teacher's logits too)
     values = _every_row(torch.cat(pieces), keep, hidden) if plan.reduction == "none" else total
     aux = tuple(_every_row(torch.cat(bucket), keep, hidden) for bucket in aux_pieces)
     return (values, out_dtype), aux, (grad_h, grad_w, grad_b)
@@ -262,47 +271,6 @@ def _chunk_step(fn, kwargs, row_keys, logits, row_inputs, cotangent, want_bias):
     dbias = dlogits.sum(0, dtype=cotangent.dtype) if want_bias else None
     logits.copy_(dlogits)
     return value, aux, dbias
-
-
-def _log_prob_step(form, kwargs, row_keys, logits, row_inputs, cotangent, want_bias):
-    """``_chunk_step`` for a row function's log-probability ``form`` (see the module docstring): the same values
-    and, with a cotangent, the same gradient written over ``logits`` (contiguous rows), with no (C, V) temporary
-    for fp32 and fp64 logits.
-
-    ``log_softmax`` runs in place (the CPU kernel reads a row before writing it), exactly as the unfused code
-    computes it; the gradient is ``dvalue/dlogp * (onehot - exp(log_softmax))`` per row, as the unfused backward
-    forms it from the same log-softmax.
-    """
-    targets = row_inputs[0]
-    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    if form.scale != 1.0:
-        z.mul_(form.scale)
-    if form.divisor != 1.0:
-        z.div_(form.divisor)
-    torch._log_softmax(z, 1, False, out=z)
-    in_range = (targets >= 0) & (targets < z.shape[1])
-    index = torch.where(in_range, targets, 0).unsqueeze(1)
-    logp = torch.where(in_range, z.gather(1, index).squeeze(1), float("nan"))  # unchecked: NaN, as in the rows
-    if cotangent is None:
-        return _apply(form.value, kwargs, row_keys, logp, row_inputs)[0], (), None
-
-    def objective(logp):
-        value = _apply(form.value, kwargs, row_keys, logp, row_inputs)[0]
-        return (value.to(cotangent.dtype) * cotangent).sum(), value
-
-    dlogp, (_, value) = grad_and_value(objective, has_aux=True)(logp)
-    factor = -dlogp
-    if form.scale != 1.0:
-        factor = factor * form.scale
-    if form.divisor != 1.0:
-        factor = factor / form.divisor
-    z.exp_()
-    z.scatter_add_(1, index, -in_range.to(z.dtype).unsqueeze(1))  # p - onehot
-    z.mul_(factor.to(z.dtype).unsqueeze(1))
-    if z is not logits:
-        logits.copy_(z)
-    dbias = logits.sum(0, dtype=cotangent.dtype) if want_bias else None  # of the gradient the matmuls use
-    return value, (), dbias
 
 
 def _check_value(plan, value, rows):

@@ -179,10 +179,10 @@ def wants_compile(device: torch.device, options: FusedOptions, logits: int) -> b
 _STEP_OPTIONS = {"realize_opcount_threshold": 1 << 20, "realize_reads_threshold": 1 << 20}
 
 
-def in_place_log_softmax(sched: Schedule) -> bool:
-    """Whether uncompiled chunks may run a row function's log-probability form (engine ``_log_prob_step``):
-    on the CPU, whose log-softmax kernel reads each row before writing it, so it runs in place. Elsewhere (and
-    compiled) the row function itself is differentiated."""
+def in_place_chunks(sched: Schedule) -> bool:
+    """Whether uncompiled chunks run a row function's own step (``engine``: ``fn.eager_step``), which works in
+    place of the logits: on the CPU, whose log-softmax kernel reads each row before writing it. Elsewhere (and
+    compiled) the row function itself is differentiated, and Inductor fuses its passes."""
     return not sched.compiled and sched.device.type == "cpu"
 
 

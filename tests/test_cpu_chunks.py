@@ -1,12 +1,14 @@
-"""Uncompiled CPU chunks of a row function that reads the logits only through the target's log-probability
-(cross-entropy without smoothing or z-loss, token log-probs, and the RL losses built on them) run PyTorch's
-log-softmax in place of the logits: the same values and gradients as the generic chunk, in one (C, V) buffer."""
+"""Uncompiled CPU chunks run a row function's own in-place step where it has one: rows that read the logits only
+through the target's log-probability (cross-entropy without smoothing or z-loss, token log-probs, and the RL
+losses built on them) run PyTorch's log-softmax in place of the logits, in one (C, V) buffer; the forward and
+reverse KL in the two heads' buffers and one scratch. The same values and gradients as the generic chunk."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lce_compile import (FusedOptions, engine, fused_loss, linear_cross_entropy, linear_grpo_loss,
+from lce_compile import (FusedOptions, fused_loss, linear_cross_entropy, linear_grpo_loss, linear_kd_loss,
                          linear_token_logprobs, policy)
+from lce_compile.losses import _rows, distillation
 from memtrack import AllocationTracker
 
 N, D, V = 45, 16, 97
@@ -57,13 +59,37 @@ CASES = {
 }
 
 
+def _kd_ref(logits, teacher_logits, targets, kind, temperature=1.0, squared=False):
+    s, t = (logits / temperature).log_softmax(-1), (teacher_logits / temperature).log_softmax(-1)
+    a, b = (t, s) if kind == "forward_kl" else (s, t)
+    rows = (a.exp() * (a - b)).sum(-1) * (temperature ** 2 if squared else 1)
+    kept = targets != -100
+    return (rows * kept).sum() / kept.sum()
+
+
+def _teacher(dtype):
+    g = torch.Generator().manual_seed(5)
+    return (torch.randn(N, 2 * D, generator=g, dtype=torch.float64),
+            torch.randn(V, 2 * D, generator=g, dtype=torch.float64) / (2 * D) ** 0.5)
+
+
+for _kind in ("forward_kl", "reverse_kl"):
+    CASES[f"kd {_kind}, temperature, bias"] = (
+        lambda h, w, b, t, cw, up, kind=_kind: linear_kd_loss(
+            h, w, *(x.to(h.dtype) for x in _teacher(h.dtype)), t, kind=kind, temperature=1.7,
+            temperature_squared=True, bias=b, options=OPTIONS),
+        lambda z, t, cw, up, kind=_kind: _kd_ref(z, _teacher(z.dtype)[0] @ _teacher(z.dtype)[1].T, t, kind, 1.7,
+                                                 True), True)
+
+
 def _grads(fn, dtype, inputs, use_form, monkeypatch):
     hidden, weight, b, targets, upstream, cw = inputs
     calls = []
-    real = engine._log_prob_step
-    monkeypatch.setattr(engine, "_log_prob_step", lambda *a: calls.append(1) or real(*a))
+    for module, step in ((_rows, "_log_prob_step"), (distillation, "_kl_in_place")):
+        real = getattr(module, step)
+        monkeypatch.setattr(module, step, lambda *a, real=real: calls.append(1) or real(*a))
     if not use_form:
-        monkeypatch.setattr(policy, "in_place_log_softmax", lambda sched: False)
+        monkeypatch.setattr(policy, "in_place_chunks", lambda sched: False)
     leaves = [t if t is None else t.detach().to(dtype).clone().requires_grad_() for t in (hidden, weight, b)]
     value = fn(*leaves, targets, cw, upstream.to(dtype))
     value.backward()
@@ -98,7 +124,7 @@ def test_other_options_run_the_generic_chunk(kwargs, monkeypatch):
     hidden, weight, _, targets, _, _ = _inputs(torch.float32)
     hidden, weight = hidden.float().requires_grad_(), weight.float()
     calls = []
-    monkeypatch.setattr(engine, "_log_prob_step", lambda *a: calls.append(1))
+    monkeypatch.setattr(_rows, "_log_prob_step", lambda *a: calls.append(1))
     linear_cross_entropy(hidden, weight, targets, options=OPTIONS, **kwargs).backward()
     linear_token_logprobs(hidden, weight, targets.clamp(min=0), return_entropy=True,
                           options=OPTIONS)[1].sum().backward()
@@ -115,14 +141,26 @@ def test_in_place_log_softmax_equals_the_out_of_place_kernel(dtype):
     assert torch.equal(z, want)
 
 
-def _peak(loss_fn, n, d, v):
+def _peak(loss_fn, n, d, v, others=()):
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(n, d, generator=g, requires_grad=True)
     weight = (torch.randn(v, d, generator=g) / d ** 0.5).requires_grad_()
     targets = torch.randint(0, v, (n,), generator=g)
-    with AllocationTracker(inputs=(hidden, weight, targets)) as tracker:
+    with AllocationTracker(inputs=(hidden, weight, targets, *others)) as tracker:
         loss_fn(hidden, weight, targets).backward()
     return tracker.peak - hidden.grad.nbytes - weight.grad.nbytes
+
+
+def test_distillation_holds_three_buffers():
+    """The student's and the teacher's (C, V) logits and one scratch buffer (the generic chunk holds ~17)."""
+    n, d, v, chunk = 1024, 64, 8192, 64
+    g = torch.Generator().manual_seed(3)
+    t_hidden, t_weight = torch.randn(n, 2 * d, generator=g), torch.randn(v, 2 * d, generator=g)
+    for kind in ("forward_kl", "reverse_kl"):
+        above = _peak(lambda h, w, t: linear_kd_loss(h, w, t_hidden, t_weight, t, kind=kind,
+                                                     options=FusedOptions(chunk_size=chunk)), n, d, v,
+                      others=(t_hidden, t_weight))
+        assert above <= 3.25 * chunk * v * 4, f"{kind}: {above / (chunk * v * 4):.2f} (C, V) buffers"
 
 
 @pytest.mark.parametrize("name", ["cross-entropy", "log-probs", "grpo"])

@@ -1,8 +1,8 @@
 """Row math shared by the losses: each function works on one chunk's rows (or on whole per-token tensors)."""
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, NamedTuple
 
 import torch
 
@@ -149,13 +149,50 @@ def ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoo
     return loss, tuple(stats[key].detach() for key in aux_keys)
 
 
-class LogProbForm(NamedTuple):
-    """A row function's values from its target's log-probability alone (see ``engine``): ``value(logp,
-    *row_inputs, **kwargs)`` with ``logp = log_softmax(logits * scale / divisor)[target]``."""
+def log_prob_step(value, scale=1.0, divisor=1.0):
+    """The in-place chunk step (``engine``: a row function's ``eager_step``) of rows that read the logits only
+    through the target's log-probability: ``value(logp, *args, **kwargs)`` with
+    ``logp = log_softmax(logits * scale / divisor)[target]``, the target the first row input.
 
-    value: Callable
-    scale: float = 1.0
-    divisor: float = 1.0
+    PyTorch's log-softmax kernel runs in place of the logits (the CPU kernel reads a row before writing it), as
+    the unfused code computes it; the gradient ``dvalue/dlogp * (onehot - exp(log_softmax))`` is then written
+    over it, as the unfused backward forms it from the same log-softmax. One (C, V) buffer for fp32 and fp64
+    logits (a 16-bit chunk adds its fp32 copy), and no pass but the kernel's, an exp and a scale.
+    """
+    return functools.partial(_log_prob_step, value, scale, divisor)
+
+
+def _log_prob_step(value_of, scale, divisor, logits, args, kwargs, cotangent, want_bias):
+    targets = args[0]
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    if scale != 1.0:
+        z.mul_(scale)
+    if divisor != 1.0:
+        z.div_(divisor)
+    torch._log_softmax(z, 1, False, out=z)
+    in_range = (targets >= 0) & (targets < z.shape[1])
+    index = torch.where(in_range, targets, 0).unsqueeze(1)
+    logp = torch.where(in_range, z.gather(1, index).squeeze(1), float("nan"))  # unchecked: NaN, as in the rows
+    if cotangent is None:
+        return value_of(logp, *args, **kwargs), (), None
+
+    def objective(logp):
+        value = value_of(logp, *args, **kwargs)
+        return (value.to(cotangent.dtype) * cotangent).sum(), value
+
+    dlogp, (_, value) = torch.func.grad_and_value(objective, has_aux=True)(logp)
+    factor = -dlogp
+    if scale != 1.0:
+        factor = factor * scale
+    if divisor != 1.0:
+        factor = factor / divisor
+    z.exp_()
+    z.scatter_add_(1, index, -in_range.to(z.dtype).unsqueeze(1))  # p - onehot
+    z.mul_(factor.to(z.dtype).unsqueeze(1))
+    if z is not logits:
+        logits.copy_(z)
+    dbias = logits.sum(0, dtype=cotangent.dtype) if want_bias else None  # of the gradient the matmuls use
+    return value, (), dbias
 
 
 def ce_from_log_prob(logp, targets, *, class_weight=None, ignore_index=-100, **_):
@@ -166,14 +203,14 @@ def ce_from_log_prob(logp, targets, *, class_weight=None, ignore_index=-100, **_
     return torch.where(targets != ignore_index, loss, 0.0)
 
 
-def _ce_log_prob_form(*, label_smoothing=0.0, logit_scale=1.0, softcap=None, z_loss=0.0, upcast=True,
-                      aux_keys=(), vocab=LOCAL, **_):
+def _ce_eager_step(*, label_smoothing=0.0, logit_scale=1.0, softcap=None, z_loss=0.0, upcast=True, aux_keys=(),
+                   vocab=LOCAL, **_):
     if label_smoothing or softcap is not None or z_loss or not upcast or aux_keys or vocab is not LOCAL:
         return None
-    return LogProbForm(ce_from_log_prob, scale=logit_scale)
+    return log_prob_step(ce_from_log_prob, scale=logit_scale)
 
 
-ce_rows.log_prob_form = _ce_log_prob_form
+ce_rows.eager_step = _ce_eager_step
 
 
 def nll_rows(logits, targets, *, class_weight=None, ignore_index=-100, upcast=True, vocab=LOCAL):

@@ -1,6 +1,7 @@
 """Fused knowledge distillation: forward KL, reverse KL and generalized JSD, with the teacher's head fused too."""
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -110,6 +111,59 @@ def _kd_rows(logits, teacher_logits, targets=None, *, kind="forward_kl", beta=0.
     if targets is None:
         return loss
     return torch.where(targets != ignore_index, loss, 0.0)
+
+
+def _kd_eager_step(*, kind="forward_kl", temperature=1.0, temperature_squared=False, ignore_index=-100,
+                   hard_weight=0.0, vocab=LOCAL, **_):
+    if kind == "jsd" or hard_weight or vocab is not LOCAL:
+        return None
+    return functools.partial(_kl_in_place, kind == "forward_kl", temperature, temperature_squared, ignore_index)
+
+
+def _kl_in_place(forward, temperature, squared, ignore_index, logits, args, kwargs, cotangent, want_bias):
+    """``_kd_rows``' in-place chunk step (``engine``: ``eager_step``) for the forward and reverse KL: both heads'
+    log-softmax by PyTorch's kernel in place, then one (C, V) scratch buffer. The forward KL's gradient is
+    ``p_s - p_t``, the reverse's ``p_s (log p_s - log p_t - KL)`` (per tempered student logit), as in _SoftLoss."""
+    teacher, targets = args[0], (args[1] if len(args) > 1 else None)
+    s = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    t = teacher.to(s.dtype)  # ours to overwrite: the frozen head's chunk logits
+    if temperature != 1.0:
+        s.div_(temperature)
+        t.div_(temperature)
+    torch._log_softmax(s, 1, False, out=s)
+    torch._log_softmax(t, 1, False, out=t)
+    if forward:  # KL(p_t || p_s) = sum p_t (log p_t - log p_s)
+        scratch = torch.sub(t, s)
+        t.exp_()
+        value = scratch.mul_(t).sum(1)
+        del scratch
+        grad = s.exp_().sub_(t) if cotangent is not None else None
+    else:  # KL(p_s || p_t) = sum p_s (log p_s - log p_t)
+        diff = torch.sub(s, t)
+        s.exp_()
+        value = torch.mul(s, diff, out=t).sum(1)
+        grad = s.mul_(diff.sub_(value.unsqueeze(1))) if cotangent is not None else None
+        del diff
+    if squared:
+        value = value * temperature ** 2
+    kept = None if targets is None else targets != ignore_index
+    if kept is not None:
+        value = torch.where(kept, value, 0.0)
+    if cotangent is None:
+        return value, (), None
+    factor = cotangent.to(s.dtype).expand(value.shape) / temperature
+    if squared:
+        factor = factor * temperature ** 2
+    if kept is not None:
+        factor = torch.where(kept, factor, 0.0)
+    grad.mul_(factor.unsqueeze(1))
+    if grad is not logits:
+        logits.copy_(grad)
+    dbias = logits.sum(0, dtype=cotangent.dtype) if want_bias else None
+    return value, (), dbias
+
+
+_kd_rows.eager_step = _kd_eager_step
 
 
 def linear_kd_loss(hidden=None, weight=None, teacher_hidden=None, teacher_weight=None, targets=None, *,

@@ -9,8 +9,9 @@ from .. import checks
 from ..policy import FusedOptions
 from ..wrap import fused_call
 from ._aux import AuxOutput, AuxRequest, aux_keys, stats_request
-from ._rows import LOCAL, LogProbForm, clipped_surrogate, clipped_tokens, k3_kl, target_log_probs, widen
+from ._rows import LOCAL, clipped_surrogate, clipped_tokens, k3_kl, target_log_probs, widen
 from ._rows import entropy as row_entropy
+from ._rows import log_prob_step
 from .logprobs import check_sequences, check_temperature, token_logprobs
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -46,11 +47,11 @@ def _grpo_from_log_prob(logp, token_ids, row_weight, advantages, old=None, ref=N
     return _grpo_terms(logp, row_weight, advantages, old, ref, beta, epsilon_low, epsilon_high)[0]
 
 
-def _grpo_log_prob_form(*, temperature=1.0, stats=False, vocab=LOCAL, **_):
-    return None if stats or vocab is not LOCAL else LogProbForm(_grpo_from_log_prob, divisor=temperature)
+def _grpo_eager_step(*, temperature=1.0, stats=False, vocab=LOCAL, **_):
+    return None if stats or vocab is not LOCAL else log_prob_step(_grpo_from_log_prob, divisor=temperature)
 
 
-_grpo_rows.log_prob_form = _grpo_log_prob_form
+_grpo_rows.eager_step = _grpo_eager_step
 
 
 def linear_grpo_loss(hidden, weight, token_ids, completion_mask, advantages, *, old_logprobs=None,

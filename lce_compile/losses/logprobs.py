@@ -8,7 +8,7 @@ from .. import checks
 from ..policy import FusedOptions
 from ..wrap import fused_call
 from ._aux import AuxOutput, AuxRequest, aux_keys
-from ._rows import LOCAL, LogProbForm, check_transform, target_log_probs, widen
+from ._rows import LOCAL, check_transform, log_prob_step, target_log_probs, widen
 from ._rows import entropy as row_entropy
 
 _LOGPROB_AUX = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # the AuxRequest fields log-probs give
@@ -39,13 +39,14 @@ def _log_prob_itself(logp, token_ids, **_):
     return logp
 
 
-def _logprob_form(*, temperature=1.0, logit_scale=1.0, softcap=None, entropy=False, aux_keys=(), vocab=LOCAL, **_):
+def _logprob_eager_step(*, temperature=1.0, logit_scale=1.0, softcap=None, entropy=False, aux_keys=(), vocab=LOCAL,
+                        **_):
     if softcap is not None or entropy or aux_keys or vocab is not LOCAL:
         return None
-    return LogProbForm(_log_prob_itself, scale=logit_scale, divisor=temperature)
+    return log_prob_step(_log_prob_itself, scale=logit_scale, divisor=temperature)
 
 
-_logprob_rows.log_prob_form = _logprob_form
+_logprob_rows.eager_step = _logprob_eager_step
 
 
 def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature: float = 1.0,
