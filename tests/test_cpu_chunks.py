@@ -32,9 +32,10 @@ def _ce_ref(logits, targets, class_weight=None, logit_scale=1.0, reduction="mean
     return F.cross_entropy(logits * logit_scale, targets, weight=class_weight, reduction=reduction)
 
 
-def _lp_ref(logits, targets, temperature=1.0, logit_scale=1.0):
-    z = (logits * logit_scale) / temperature
-    return z.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+def _lp_ref(logits, targets, temperature=1.0, logit_scale=1.0, entropy=False):
+    z = ((logits * logit_scale) / temperature).log_softmax(-1)
+    logp = z.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp, -(z.exp() * z).sum(-1)) if entropy else logp
 
 
 # name -> (fused(h, w, b, t, cw, up), unfused on the logits(logits, t, cw, up), bias?)
@@ -56,7 +57,17 @@ CASES = {
         lambda h, w, b, t, cw, up: (linear_token_logprobs(h, w, t.clamp(min=0), bias=b, temperature=0.6,
                                                           logit_scale=1.3, options=OPTIONS) * up).sum(),
         lambda z, t, cw, up: (_lp_ref(z, t, 0.6, 1.3) * up).sum(), True),
+    "log-probs and entropy, temperature": (
+        lambda h, w, b, t, cw, up: _weigh(linear_token_logprobs(h, w, t.clamp(min=0), temperature=0.6,
+                                                                return_entropy=True, options=OPTIONS), up),
+        lambda z, t, cw, up: _weigh(_lp_ref(z, t, 0.6, entropy=True), up), False),
 }
+
+
+def _weigh(pair, upstream):
+    """Both outputs get a gradient: sum(logp * u + entropy * u^2)."""
+    logp, entropy = pair
+    return (logp * upstream + entropy * upstream.square()).sum()
 
 
 def _kd_ref(logits, teacher_logits, targets, kind, temperature=1.0, squared=False):
@@ -126,18 +137,21 @@ def test_other_options_run_the_generic_chunk(kwargs, monkeypatch):
     calls = []
     monkeypatch.setattr(_rows, "_log_prob_step", lambda *a: calls.append(1))
     linear_cross_entropy(hidden, weight, targets, options=OPTIONS, **kwargs).backward()
-    linear_token_logprobs(hidden, weight, targets.clamp(min=0), return_entropy=True,
-                          options=OPTIONS)[1].sum().backward()
+    linear_token_logprobs(hidden, weight, targets.clamp(min=0), softcap=5.0, options=OPTIONS).sum().backward()
     assert not calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_in_place_log_softmax_equals_the_out_of_place_kernel(dtype):
-    """What the form relies on: the CPU kernel reads each contiguous row before writing it."""
+    """What the in-place steps rely on: the CPU kernels read each contiguous row before writing it."""
     z = torch.randn(37, 5000, dtype=dtype) * 8
     z[3, :100] = float("-inf")
     want = torch.log_softmax(z, 1)
     torch._log_softmax(z, 1, False, out=z)
+    assert torch.equal(z, want)
+    grad = torch.randn_like(z)
+    want = torch._log_softmax_backward_data(grad, z, 1, dtype)
+    torch._log_softmax_backward_data(grad, z, 1, dtype, out=z)  # over its output, as the entropy's step does
     assert torch.equal(z, want)
 
 

@@ -149,20 +149,22 @@ def ce_rows(logits, targets, *, class_weight=None, ignore_index=-100, label_smoo
     return loss, tuple(stats[key].detach() for key in aux_keys)
 
 
-def log_prob_step(value, scale=1.0, divisor=1.0):
+def log_prob_step(value, scale=1.0, divisor=1.0, entropy=False):
     """The in-place chunk step (``engine``: a row function's ``eager_step``) of rows that read the logits only
-    through the target's log-probability: ``value(logp, *args, **kwargs)`` with
-    ``logp = log_softmax(logits * scale / divisor)[target]``, the target the first row input.
+    through the target's log-probability (and, with ``entropy``, the row's entropy): ``value(logp, *args,
+    **kwargs)`` (``value(logp, entropy, *args, **kwargs)``) with ``logp = log_softmax(z)[target]``,
+    ``z = logits * scale / divisor``, the target the first row input.
 
     PyTorch's log-softmax kernel runs in place of the logits (the CPU kernel reads a row before writing it), as
-    the unfused code computes it; the gradient ``dvalue/dlogp * (onehot - exp(log_softmax))`` is then written
-    over it, as the unfused backward forms it from the same log-softmax. One (C, V) buffer for fp32 and fp64
-    logits (a 16-bit chunk adds its fp32 copy), and no pass but the kernel's, an exp and a scale.
+    the unfused code computes it, and so does the entropy, ``-sum(p * log p)``; the gradient
+    ``dvalue/dlogp * (onehot - p) - dvalue/dH * p * (log p + H)`` is then written over the buffer, as the unfused
+    backward forms it from the same log-softmax. One (C, V) buffer for fp32 and fp64 logits, two with the entropy
+    (a 16-bit chunk adds its fp32 copy).
     """
-    return functools.partial(_log_prob_step, value, scale, divisor)
+    return functools.partial(_log_prob_step, value, scale, divisor, entropy)
 
 
-def _log_prob_step(value_of, scale, divisor, logits, args, kwargs, cotangent, want_bias):
+def _log_prob_step(value_of, scale, divisor, with_entropy, logits, args, kwargs, cotangent, want_bias):
     targets = args[0]
     z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     if scale != 1.0:
@@ -173,22 +175,32 @@ def _log_prob_step(value_of, scale, divisor, logits, args, kwargs, cotangent, wa
     in_range = (targets >= 0) & (targets < z.shape[1])
     index = torch.where(in_range, targets, 0).unsqueeze(1)
     logp = torch.where(in_range, z.gather(1, index).squeeze(1), float("nan"))  # unchecked: NaN, as in the rows
+    inputs = (logp,)
+    if with_entropy:
+        inputs += (-z.exp().mul_(z).sum(1),)
     if cotangent is None:
-        return value_of(logp, *args, **kwargs), (), None
+        return value_of(*inputs, *args, **kwargs), (), None
 
-    def objective(logp):
-        value = value_of(logp, *args, **kwargs)
+    def objective(*inputs):
+        value = value_of(*inputs, *args, **kwargs)
         return (value.to(cotangent.dtype) * cotangent).sum(), value
 
-    dlogp, (_, value) = torch.func.grad_and_value(objective, has_aux=True)(logp)
-    factor = -dlogp
-    if scale != 1.0:
-        factor = factor * scale
-    if divisor != 1.0:
-        factor = factor / divisor
-    z.exp_()
-    z.scatter_add_(1, index, -in_range.to(z.dtype).unsqueeze(1))  # p - onehot
-    z.mul_(factor.to(z.dtype).unsqueeze(1))
+    grads, (_, value) = torch.func.grad_and_value(objective, argnums=tuple(range(len(inputs))), has_aux=True)(
+        *inputs)
+    chain = scale / divisor  # d z / d logits
+    dlogp = grads[0] if chain == 1.0 else grads[0] * chain
+    if with_entropy:
+        # as the unfused backward: d/dlog p of the entropy, -dH * p * (log p + 1), and dlogp at the target; then
+        # log_softmax's backward, g - p * sum(g)
+        dh = grads[1] if chain == 1.0 else grads[1] * chain
+        dlog = z.exp()
+        dlog.addcmul_(dlog, z).mul_(-dh.to(z.dtype).unsqueeze(1))
+        dlog.scatter_add_(1, index, (dlogp * in_range).to(z.dtype).unsqueeze(1))
+        torch._log_softmax_backward_data(dlog, z, 1, z.dtype, out=z)
+        del dlog
+    else:
+        z.exp_().mul_(-dlogp.to(z.dtype).unsqueeze(1))  # -dlogp * p
+        z.scatter_add_(1, index, (dlogp * in_range).to(z.dtype).unsqueeze(1))  # + dlogp at the target
     if z is not logits:
         logits.copy_(z)
     dbias = logits.sum(0, dtype=cotangent.dtype) if want_bias else None  # of the gradient the matmuls use

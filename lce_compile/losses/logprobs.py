@@ -39,11 +39,16 @@ def _log_prob_itself(logp, token_ids, **_):
     return logp
 
 
+def _with_entropy(logp, entropy_of_row, token_ids, **_):
+    return torch.stack((logp, entropy_of_row), dim=-1)
+
+
 def _logprob_eager_step(*, temperature=1.0, logit_scale=1.0, softcap=None, entropy=False, aux_keys=(), vocab=LOCAL,
                         **_):
-    if softcap is not None or entropy or aux_keys or vocab is not LOCAL:
+    if softcap is not None or aux_keys or vocab is not LOCAL:
         return None
-    return log_prob_step(_log_prob_itself, scale=logit_scale, divisor=temperature)
+    value = _with_entropy if entropy else _log_prob_itself
+    return log_prob_step(value, scale=logit_scale, divisor=temperature, entropy=entropy)
 
 
 _logprob_rows.eager_step = _logprob_eager_step
