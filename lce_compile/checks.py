@@ -3,7 +3,9 @@ options that only one loss has are checked beside it, with the same template.
 
 Template: ``<function>: <argument> <expected>, got <actual>.[ <one-line fix>]``. Shape and device checks
 cost nothing on the device; value checks (target range) read one scalar back, so they run once before the
-chunk loop and are skipped inside ``torch.compile``.
+chunk loop and are skipped inside ``torch.compile`` and while the current CUDA stream captures a CUDA graph
+(where a read-back is illegal): ``FusedOptions(validate=True)`` then checks no values, and without the kept rows'
+count the front door computes every row instead of gathering the kept ones.
 """
 from __future__ import annotations
 
@@ -93,7 +95,9 @@ def check_targets(name: str, targets, hidden, vocab: int, ignore_index: int | No
     ``.long()`` before comparing with ``ignore_index``).
 
     Returns the count of kept targets (or of the True rows of ``kept``, a mask with targets' shape), read back with
-    the range (one read-back for both), or None when the values are not checked."""
+    the range (one read-back for both), or None when the values are not checked: ``validate=False``, inside
+    ``torch.compile``, or while the current CUDA stream captures a graph (targets on CUDA: :func:`stream_capturing`;
+    out-of-range targets then give NaN, as with ``validate=False``)."""
     check_rows(name, arg, targets, hidden)
     if targets.dim() != hidden.dim() - 1:
         raise ValueError(
@@ -104,7 +108,8 @@ def check_targets(name: str, targets, hidden, vocab: int, ignore_index: int | No
             f"{name}: {arg} must be an integer tensor of class indices, got {targets.dtype}. "
             "Probability targets need the full (N, V) tensor and are not supported."
         )
-    if not validate or targets.numel() == 0 or torch.compiler.is_compiling() or targets.device.type == "meta":
+    if (not validate or targets.numel() == 0 or torch.compiler.is_compiling() or targets.device.type == "meta"
+            or stream_capturing(targets.device)):
         return None
     targets = targets.long()  # compared as int64: in uint8, ignore_index=-100 would wrap to 156
     if kept is None:
@@ -118,6 +123,15 @@ def check_targets(name: str, targets, hidden, vocab: int, ignore_index: int | No
         allowed = "" if ignore_index is None else f" or ignore_index={ignore_index}"
         raise ValueError(f"{name}: {arg} must be in [0, {vocab}){allowed}, got {bad}.")
     return count
+
+
+def stream_capturing(device=None) -> bool:
+    """Whether the current CUDA stream captures a CUDA graph, so that reading a value back would be illegal.
+
+    ``device``: the tensors' device (only a CUDA device captures); ``None``: CUDA, if this machine has it."""
+    if device is None:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def check_class_weight(name: str, arg: str, class_weight, hidden, vocab: int) -> None:

@@ -105,6 +105,63 @@ def test_no_host_reads_in_the_chunk_loop(n):
     assert counts[True] <= 2  # the one target-range check before the loop, whatever n is
 
 
+class _ReadBacksAndGathers(InsideFusedOps):
+    """Counts reads of a value by the host (the ops and, as CPU tensors read without dispatching, the methods) and
+    gathers of kept rows (nonzero_static, sized by the read-back count)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.reads, self.gathers = 0, 0
+        for name in ("item", "tolist"):
+            monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name)))
+
+    def _counting(self, method):
+        def read(tensor, *args, **kwargs):
+            self.reads += 1
+            return method(tensor, *args, **kwargs)
+        return read
+
+    def dispatch(self, func, args, kwargs):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        if func.overloadpacket is torch.ops.aten.nonzero_static:
+            self.gathers += 1
+        return func(*args, **kwargs)
+
+
+def test_no_read_back_while_a_cuda_graph_captures(monkeypatch):
+    """While the current CUDA stream captures a graph (checks.stream_capturing, made to say so here) a read-back is
+    illegal: the target check reads nothing, as inside torch.compile, so the kept rows are not gathered and every
+    row is computed, to the unfused value and gradients."""
+    from lce_compile import checks
+
+    hidden, weight, targets = make_inputs((4, 50), 16, 97, seed=6, ignored=0.5)
+    gold = run(unfused_cross_entropy, hidden, weight, targets, torch.float64)
+    for capturing in (False, True):
+        with monkeypatch.context() as patch:
+            patch.setattr(checks, "stream_capturing", lambda device, capturing=capturing: capturing)
+            with _ReadBacksAndGathers(patch) as seen:
+                got = run(lambda h, w, t: linear_cross_entropy(h, w, t, options=SMALL), hidden, weight, targets)
+        for g, w_ in zip(got, gold):
+            torch.testing.assert_close(g, w_.float())
+        assert (got[1][targets == -100] == 0).all()
+        # outside a capture: the target check's one read-back, then the kept rows gathered
+        assert (seen.reads, seen.gathers) == ((0, 0) if capturing else (1, 1)), (capturing, seen.reads, seen.gathers)
+
+
+def test_stream_capturing_is_cuda_only(monkeypatch):
+    """checks.stream_capturing asks CUDA about a CUDA device only (or, with no device, if CUDA is there)."""
+    from lce_compile import checks
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not checks.stream_capturing(torch.device("cpu")) and not checks.stream_capturing("meta")
+    assert checks.stream_capturing(torch.device("cuda", 1)) and checks.stream_capturing("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not checks.stream_capturing()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert checks.stream_capturing()
+
+
 def test_distillation_and_grpo_inside_user_compile_fullgraph():
     from lce_compile import linear_grpo_loss, linear_kd_loss
     from lce_compile.testing import unfused_kd

@@ -342,3 +342,150 @@ def test_masked_tokens_cost_nothing(level):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
         assert (got[1].reshape(-1, D)[~mask.reshape(-1)] == 0).all(), name  # exact zeros
+
+
+# --- a mask for token log-probs ------------------------------------------------------------------------------------
+
+_ALL_STATS = AuxRequest(entropy=True, log_sum_sq_probs=True, mean_logits=True, is_top1=True)
+
+
+def _masked_case(seed=10):
+    """(3, 29) tokens, a bias, a random mask with ~50% False, random upstream weights for the log-prob and entropy."""
+    hidden, weight, ids, _, g = _inputs(3, 29, seed=seed)
+    bias = torch.randn(V, generator=g, dtype=torch.float64)
+    mask = torch.rand(ids.shape, generator=g) < 0.5
+    up_lp, up_ent = (torch.randn(ids.shape, generator=g, dtype=torch.float64) for _ in range(2))
+    return hidden, weight, bias, ids, mask, up_lp, up_ent
+
+
+def _masked_reference(hidden, weight, bias, ids, mask):
+    """Unfused, written from the docstring: every row computed, the masked ones set to 0 after."""
+    z = (hidden @ weight.T + bias).to(torch.promote_types(hidden.dtype, torch.float32))
+    logp_all = z.log_softmax(-1)
+    lp = logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    stats = ((2 * logp_all).logsumexp(-1), z.mean(-1), z.argmax(-1) == ids)
+    zero = torch.zeros((), dtype=lp.dtype)
+    return torch.where(mask, lp, zero), torch.where(mask, ent, zero), tuple(
+        torch.where(mask, s, torch.zeros((), dtype=s.dtype)) for s in stats)
+
+
+def _masked_run(fn, hidden, weight, bias, dtype, up_lp, up_ent):
+    """fn(h, w, b) -> (logprobs, entropy, stats or None): the values, the stats and grads of hidden, weight, bias
+    for the objective sum(up_lp * logprobs + up_ent * entropy)."""
+    h, w, b = (t.detach().to(dtype).requires_grad_() for t in (hidden, weight, bias))
+    lp, ent, stats = fn(h, w, b)
+    ((lp.double() * up_lp).sum() + (ent.double() * up_ent).sum()).backward()
+    return (lp.detach(), ent.detach(), h.grad, w.grad, b.grad), stats
+
+
+def _fused_masked(ids, mask, options=None, aux=False):
+    def fused(h, w, b):
+        if aux:
+            lp, out = linear_token_logprobs(h, w, ids, mask=mask, bias=b, return_aux=_ALL_STATS, options=options)
+            return lp, out.entropy, (out.log_sum_sq_probs, out.mean_logits, out.is_top1)
+        lp, ent = linear_token_logprobs(h, w, ids, mask=mask, bias=b, return_entropy=True, options=options)
+        return lp, ent, None
+    return fused
+
+
+def _check_masked(got, stats, hidden, weight, bias, ids, mask):
+    lp, ent, want_stats = _masked_reference(hidden, weight, bias, ids, mask)
+    for g, w in zip(got[:2], (lp, ent)):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+    assert (got[0][~mask] == 0).all() and (got[1][~mask] == 0).all()          # exact zeros
+    assert (got[2][~mask] == 0).all()                                          # grad_hidden: exact zeros
+    if stats is not None:
+        for g, w in zip(stats[:2], want_stats[:2]):
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+            assert (g[~mask] == 0).all()
+        assert torch.equal(stats[2], want_stats[2]) and not stats[2][~mask].any()
+
+
+@pytest.mark.parametrize("mode", ["validated", "validate=False", "aux", "aux, validate=False", "int mask"])
+def test_logprob_mask_matches_unfused(mode):
+    """Masked tokens: log-prob, entropy and statistics 0, an exact 0 gradient to their hidden rows and none to the
+    weight or bias, the kept tokens as unfused, whether the masked rows are gathered out (validated) or computed
+    and set to 0 (validate=False: nothing read back)."""
+    hidden, weight, bias, ids, mask, up_lp, up_ent = _masked_case()
+    options = FusedOptions(chunk_size=16, validate="validate=False" not in mode)
+    given = mask.to(torch.int32) if mode == "int mask" else mask
+    got, stats = _masked_run(_fused_masked(ids, given, options, aux="aux" in mode), hidden, weight, bias,
+                             torch.float32, up_lp, up_ent)
+    gold, _ = _masked_run(lambda h, w, b: (*_masked_reference(h, w, b, ids, mask)[:2], None), hidden, weight, bias,
+                          torch.float64, up_lp, up_ent)
+    _close(got[2:], gold[2:])                                                  # grad hidden, weight, bias
+    _check_masked(got, stats, hidden, weight, bias, ids, mask)
+
+
+def test_logprob_mask_inside_user_compile_fullgraph():
+    """Inside torch.compile nothing is read back, so every row is computed; the masked ones still come back 0, with
+    an exact 0 gradient, and the rest as unfused (the AuxOutput too)."""
+    torch._dynamo.reset()
+    hidden, weight, bias, ids, mask, up_lp, up_ent = _masked_case(seed=11)
+    gold, _ = _masked_run(lambda h, w, b: (*_masked_reference(h, w, b, ids, mask)[:2], None), hidden, weight, bias,
+                          torch.float64, up_lp, up_ent)
+    for aux in (False, True):
+        compiled = torch.compile(_fused_masked(ids, mask, FusedOptions(chunk_size=16), aux=aux), fullgraph=True,
+                                 backend="aot_eager")
+        got, stats = _masked_run(compiled, hidden, weight, bias, torch.float32, up_lp, up_ent)
+        _close(got[2:], gold[2:])
+        _check_masked(got, stats, hidden, weight, bias, ids, mask)
+    torch._dynamo.reset()
+
+
+def test_masked_logprobs_are_not_computed():
+    """The matmul work is the kept fraction of every row's (the mask's count comes back with the token-id check's
+    one read-back); without the read-back (validate=False) every row is computed, to the same result. An all-False
+    mask computes nothing and gives zeros."""
+    from test_cross_entropy import _MatmulFlops
+
+    hidden, weight, ids, _, g = _inputs(4, 40, seed=12, dtype=torch.float32)
+    mask = torch.rand(ids.shape, generator=g) < 0.5
+    kept = int(mask.sum())
+
+    def logprobs(options, mask=mask):
+        return lambda h, w: linear_token_logprobs(h, w, ids, mask=mask, options=options).sum()
+
+    with _MatmulFlops() as gathered:
+        got = _grads(logprobs(FusedOptions(chunk_size=16)), hidden, weight, torch.float32)
+    with _MatmulFlops() as every_row:
+        want = _grads(logprobs(FusedOptions(chunk_size=16, validate=False)), hidden, weight, torch.float32)
+    assert 0 < kept < mask.numel() and gathered.flops * mask.numel() == every_row.flops * kept
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert (got[1][~mask] == 0).all()
+    with _MatmulFlops() as nothing:
+        value, grad_h, grad_w = _grads(logprobs(None, torch.zeros_like(mask)), hidden, weight, torch.float32)
+    assert nothing.flops == 0 and value == 0 and not grad_h.any() and not grad_w.any()
+
+
+def test_logprob_mask_module_form():
+    hidden, weight, ids, _, g = _inputs(2, 9, seed=13, dtype=torch.float32)
+    mask = torch.rand(ids.shape, generator=g) < 0.5
+    got = LinearTokenLogprobs(return_entropy=True)(hidden, weight, ids, mask=mask)
+    want = linear_token_logprobs(hidden, weight, ids, mask=mask, return_entropy=True)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert (got[0][~mask] == 0).all() and (got[0][mask] != 0).all()
+
+
+def test_logprob_mask_errors():
+    hidden, weight, ids, mask, _ = _inputs(2, 9, seed=14, dtype=torch.float32)
+    bad = [
+        (mask.float(), TypeError, "linear_token_logprobs: mask must be a bool or 0/1 integer tensor, got "
+                                  "torch.float32. Pass mask.bool(), or multiply the log-probs by a float weight."),
+        (mask[:, :8], ValueError, "linear_token_logprobs: mask must have the leading shape of hidden (2, 9), got "
+                                  "(2, 8)."),
+        (mask[..., None], ValueError, "linear_token_logprobs: mask must have token_ids' shape (2, 9), got "
+                                      "(2, 9, 1)."),
+        (mask.tolist(), TypeError, "linear_token_logprobs: mask must be a Tensor, got list."),
+        (mask.to(torch.complex64), TypeError, "linear_token_logprobs: mask must be a bool or 0/1 integer tensor, "
+                                              "got torch.complex64."),
+    ]
+    for value, error, message in bad:
+        with pytest.raises(error) as info:
+            linear_token_logprobs(hidden, weight, ids, mask=value)
+        assert str(info.value).startswith(message), str(info.value)
+    with pytest.raises(TypeError, match="mask must be a bool or 0/1 integer tensor"):
+        LinearTokenLogprobs()(hidden, weight, ids, mask=mask.double())

@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from torchtitan.components.loss import IGNORE_INDEX, BaseLoss, ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.config import CompileConfig, override
 
+from .. import checks
 from ..losses import LinearCrossEntropyLoss, linear_cross_entropy
 from ..policy import FusedOptions
 
@@ -96,7 +97,7 @@ class FusedCrossEntropyLoss(ChunkedLossWrapper):
             loss = linear_cross_entropy(
                 pred, head.weight, labels, bias=head.bias, ignore_index=IGNORE_INDEX,
                 label_smoothing=self.label_smoothing, z_loss=self.z_loss, reduction="sum",
-                options=self.capture_options if _stream_capturing() else self.options)
+                options=self.capture_options if checks.stream_capturing() else self.options)
             if isinstance(loss, DTensor):  # tensor parallel: the same sum on every rank
                 loss = loss.to_local()
             if global_valid_tokens is not None:
@@ -184,11 +185,6 @@ def _is_fsdp(head) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(head, FSDPModule)
-
-
-def _stream_capturing() -> bool:
-    # torch.cuda.is_current_stream_capturing needs CUDA; on other devices nothing captures
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _warn_once(key: str, message: str) -> None:

@@ -54,7 +54,7 @@ def _logprob_eager_step(*, temperature=1.0, logit_scale=1.0, softcap=None, entro
 _logprob_rows.eager_step = _logprob_eager_step
 
 
-def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature: float = 1.0,
+def linear_token_logprobs(hidden, weight, token_ids, *, mask=None, bias=None, temperature: float = 1.0,
                           softcap: float | None = None, logit_scale: float = 1.0, return_entropy: bool = False,
                           return_aux: AuxRequest | None = None, options: FusedOptions | None = None):
     r"""Log-probability of each chosen token under ``softmax(hidden @ weight.T / temperature)``, fused.
@@ -70,12 +70,17 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature: 
         log_sum_sq_probs = (2 * logits.log_softmax(-1)).logsumexp(-1)        # the AuxRequest fields, detached
         mean_logits = logits.mean(-1)
         is_top1 = logits.argmax(-1) == token_ids
+        logprobs = torch.where(mask, logprobs, 0)                            # if mask: entropy and stats alike
 
     Args:
         hidden (Tensor): ``(..., D)`` final hidden states.
         weight (Tensor): ``(V, D)`` output layer; or split over the vocabulary across ranks (a ``Shard(0)`` DTensor
             beside a DTensor ``hidden``, or a ``VocabShard``: docs/distributed.md).
         token_ids (Tensor): ``(...)`` integer ids in ``[0, V)``, hidden's leading shape.
+        mask (Tensor, optional): ``token_ids.shape``, bool or 0/1 integers: the tokens to compute (a completion
+            mask). Masked tokens are not computed: their log-prob, entropy and statistics are 0, their rows of
+            ``hidden`` get an exact 0 gradient, and they add nothing to ``weight``'s and ``bias``'s. A float mask
+            raises ``TypeError``. Their ``token_ids`` are still checked in ``[0, V)``.
         temperature (float): divides the logits (sampling temperature), last. Default: 1.
         softcap (float, optional): Gemma's ``softcap * tanh(logits / softcap)``, after ``logit_scale``.
         logit_scale (float): multiplies the fp32 logits first. Default: 1.
@@ -90,10 +95,47 @@ def linear_token_logprobs(hidden, weight, token_ids, *, bias=None, temperature: 
         Any upstream gradient flows back to ``hidden``, ``weight`` and ``bias`` (the chunks are recomputed in
         backward).
     Memory: the gradients plus one ``(C, V)`` chunk; never ``(N, V)``.
+
+    .. note::
+        With ``mask``, the masked rows are gathered out before the matmuls when the call validates (their count
+        comes back with the token-id check's one read-back). With ``FusedOptions(validate=False)``, inside
+        ``torch.compile`` or while a CUDA graph captures, every row is computed and the masked ones are set to 0
+        afterwards: the same values and gradients, at the cost of every row.
     """
-    return token_logprobs("linear_token_logprobs", hidden, weight, token_ids, bias=bias, temperature=temperature,
-                          softcap=softcap, logit_scale=logit_scale, return_entropy=return_entropy,
-                          return_aux=return_aux, options=options)
+    name = "linear_token_logprobs"
+    if mask is not None:
+        check_mask(name, mask, hidden)
+    return token_logprobs(name, hidden, weight, token_ids, bias=bias, temperature=temperature, softcap=softcap,
+                          logit_scale=logit_scale, return_entropy=return_entropy, return_aux=return_aux,
+                          options=options, kept=mask, extras=() if mask is None else (mask,),
+                          then=None if mask is None else _zero_masked)
+
+
+def check_mask(name, mask, hidden):
+    """A token mask: bool or integer (0/1), exactly hidden's leading shape (the token ids' shape)."""
+    checks.check_rows(name, "mask", mask, hidden)
+    if mask.dim() != hidden.dim() - 1:
+        raise ValueError(f"{name}: mask must have token_ids' shape {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(mask.shape)}.")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"{name}: mask must be a bool or 0/1 integer tensor, got {mask.dtype}. Pass mask.bool(), "
+                        "or multiply the log-probs by a float weight.")
+
+
+def _zero_masked(result, mask):
+    """The masked tokens' documented 0 in every mode: the rows the engine computed anyway (no read-back to gather
+    them out: validate=False, torch.compile, CUDA graphs) are set to 0, and so is their upstream gradient."""
+    keep = mask.to(torch.bool)
+
+    def zero(t):
+        return None if t is None else torch.where(keep, t, t.new_zeros(()))  # new_zeros: is_top1 stays bool
+
+    if isinstance(result, torch.Tensor):
+        return zero(result)
+    logp, second = result
+    if isinstance(second, AuxOutput):
+        return zero(logp), AuxOutput(*(zero(t) for t in second))
+    return zero(logp), zero(second)
 
 
 def token_logprobs(name, hidden, weight, token_ids, *, bias, temperature, options, softcap=None, logit_scale=1.0,
@@ -144,7 +186,7 @@ def check_sequences(name, hidden, token_ids, completion_mask):
 
 
 class LinearTokenLogprobs(nn.Module):
-    """:func:`linear_token_logprobs` as a module: ``forward(hidden, weight, token_ids, bias=None)``."""
+    """:func:`linear_token_logprobs` as a module: ``forward(hidden, weight, token_ids, bias=None, mask=None)``."""
 
     def __init__(self, *, temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
                  return_entropy: bool = False, return_aux: AuxRequest | None = None,
@@ -157,10 +199,10 @@ class LinearTokenLogprobs(nn.Module):
         self.temperature, self.softcap, self.logit_scale = temperature, softcap, logit_scale
         self.return_entropy, self.return_aux, self.options = return_entropy, return_aux, options
 
-    def forward(self, hidden, weight, token_ids, bias=None):
+    def forward(self, hidden, weight, token_ids, bias=None, mask=None):
         return linear_token_logprobs(hidden, weight, token_ids, temperature=self.temperature, softcap=self.softcap,
                                      logit_scale=self.logit_scale, return_entropy=self.return_entropy,
-                                     return_aux=self.return_aux, bias=bias, options=self.options)
+                                     return_aux=self.return_aux, mask=mask, bias=bias, options=self.options)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, softcap={self.softcap}, logit_scale={self.logit_scale}, "
