@@ -110,6 +110,24 @@ def test_cli_interleaved_mode(tmp_path):
     assert not (tmp_path / "bench_results.json").exists()  # a timing mode: no result file
 
 
+def test_cli_kept_rows(tmp_path):
+    """``python -m lce_compile.bench.kept``: every loss on a tiny shape, the ratios and times in its JSON."""
+    cmd = [sys.executable, "-m", "lce_compile.bench.kept", "--shapes", "64x32x101", "--rounds", "1",
+           "--fraction", "0.25"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| ce | 64x32x101 | 48/64 |" in proc.stdout  # the table
+    data = json.loads((tmp_path / "bench_kept.json").read_text())
+    assert data["meta"]["device"] == "cpu" and data["meta"]["fraction"] == 0.25 and data["meta"]["torch"]
+    results = {r["loss"]: r for r in data["results"]}
+    assert list(results) == ["ce", "kd", "grpo", "logprobs"]
+    for r in results.values():
+        assert (r["N"], r["D"], r["V"]) == (64, 32, 101) and r["kept_rows"] == [64, 48]
+        assert len(r["ratios"]) == len(r["times_none_s"]) == len(r["times_ignored_s"]) == 1
+        assert r["time_none_s"] > 0 and r["time_ignored_s"] > 0
+        assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+
+
 def test_sweep_memory_budgets():
     from lce_compile.bench import sweep
 
