@@ -228,12 +228,12 @@ def _chunk_loop(plan, sched, hidden, weight, bias, row_inputs, tensor_kwargs, *,
             total = _accumulate(plan, total, pieces, value, chunk_weight)
             for bucket, a in zip(aux_pieces, aux):
                 bucket.append(a)
-            if want_h and keep is None:
-                torch.mm(logits, weight, out=grad_h[start:end])
-            elif want_h:
-                grad_h.index_copy_(0, keep[start:end], torch.mm(logits, weight))
             if want_w:
                 ops.add_product_(grad_w, logits.t(), hidden_c, first=k == 0)
+            if want_h and keep is None:
+                torch.mm(logits, weight, out=grad_h[start:end])
+            elif want_h:  # hidden_c is a gathered copy, read for the last time above: the rows' gradient reuses it
+                grad_h.index_copy_(0, keep[start:end], torch.mm(logits, weight, out=hidden_c))
             if want_b:
                 grad_b += dbias
             del logits, rows_c, args  # before the next chunk's buffers are allocated (a teacher's logits too)
