@@ -166,7 +166,7 @@ def log_prob_step(value, scale=1.0, divisor=1.0, entropy=False):
 
 def _log_prob_step(value_of, scale, divisor, with_entropy, logits, args, kwargs, cotangent, want_bias):
     targets = args[0]
-    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    z = widen(logits)  # the logits themselves in fp32 and fp64
     if scale != 1.0:
         z.mul_(scale)
     if divisor != 1.0:
@@ -201,10 +201,15 @@ def _log_prob_step(value_of, scale, divisor, with_entropy, logits, args, kwargs,
     else:
         z.exp_().mul_(-dlogp.to(z.dtype).unsqueeze(1))  # -dlogp * p
         z.scatter_add_(1, index, (dlogp * in_range).to(z.dtype).unsqueeze(1))  # + dlogp at the target
-    if z is not logits:
-        logits.copy_(z)
-    dbias = logits.sum(0, dtype=cotangent.dtype) if want_bias else None  # of the gradient the matmuls use
-    return value, (), dbias
+    return value, (), write_gradient(logits, z, cotangent, want_bias)
+
+
+def write_gradient(logits, grad, cotangent, want_bias):
+    """An in-place step's last move: its gradient ``grad`` (``logits`` itself, or a widened copy) into ``logits``;
+    returns the bias gradient, summed from what the matmuls will use (or None)."""
+    if grad is not logits:
+        logits.copy_(grad)
+    return logits.sum(0, dtype=cotangent.dtype) if want_bias else None
 
 
 def ce_from_log_prob(logp, targets, *, class_weight=None, ignore_index=-100, **_):

@@ -12,7 +12,7 @@ from .. import checks, policy
 from ._rows import LOCAL
 from ..policy import FusedOptions
 from ..wrap import fused_call
-from ._rows import target_log_prob, widen
+from ._rows import target_log_prob, widen, write_gradient
 
 _NAME = "linear_kd_loss"
 KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -125,7 +125,7 @@ def _kl_in_place(forward, temperature, squared, ignore_index, logits, args, kwar
     log-softmax by PyTorch's kernel in place, then one (C, V) scratch buffer. The forward KL's gradient is
     ``p_s - p_t``, the reverse's ``p_s (log p_s - log p_t - KL)`` (per tempered student logit), as in _SoftLoss."""
     teacher, targets = args[0], (args[1] if len(args) > 1 else None)
-    s = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    s = widen(logits)  # the logits themselves in fp32 and fp64
     t = teacher.to(s.dtype)  # ours to overwrite: the frozen head's chunk logits
     if temperature != 1.0:
         s.div_(temperature)
@@ -157,10 +157,7 @@ def _kl_in_place(forward, temperature, squared, ignore_index, logits, args, kwar
     if kept is not None:
         factor = torch.where(kept, factor, 0.0)
     grad.mul_(factor.unsqueeze(1))
-    if grad is not logits:
-        logits.copy_(grad)
-    dbias = logits.sum(0, dtype=cotangent.dtype) if want_bias else None
-    return value, (), dbias
+    return value, (), write_gradient(logits, grad, cotangent, want_bias)
 
 
 _kd_rows.eager_step = _kd_eager_step
